@@ -1,0 +1,21 @@
+# Runtime shared by every eomt_mm config: registries, environment, logging, visualisation.
+default_scope = 'mmseg'
+custom_imports = dict(imports=['eomt_mm'], allow_failed_imports=False)
+
+env_cfg = dict(
+    cudnn_benchmark=True,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    # tools/train.py switches to gloo when no GPU is present.
+    dist_cfg=dict(backend='nccl'),
+)
+vis_backends = [dict(type='LocalVisBackend')]
+visualizer = dict(
+    type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
+log_processor = dict(by_epoch=False)
+log_level = 'INFO'
+load_from = None
+resume = False
+tta_model = dict(type='SegTTAModel')
+
+# Logs total / trainable / LoRA parameter counts when training starts.
+custom_hooks = [dict(type='TrainableParamsHook')]
