@@ -1,0 +1,169 @@
+"""Freezing the pretrained base of a LoRA model, and parameter counts for the log.
+
+What stays trainable after :func:`freeze_base_model`:
+
+* every LoRA matrix (``lora_A`` / ``lora_B`` of each :class:`LoRALinear`), wherever it is;
+* every parameter **outside** the base prefixes (decode heads, queries, upscalers: they do
+  not come from the pretrained checkpoint and must train);
+* inside the base, the normalisation layers, selected by module **type**
+  (``nn.LayerNorm`` and subclasses such as mmpretrain's ``LayerNorm2d``, ``nn.GroupNorm``,
+  batch/instance norms, ``nn.RMSNorm``) when ``trainable_norms`` is True, because names
+  differ between code bases (``ln1``, ``norm1``, ``pre_norm``) while types do not;
+* inside the base, modules or parameters named in ``trainable_modules`` by exact
+  qualified name or full-match regular expression (``backbone.pos_embed``,
+  ``backbone\\.layers\\.(10|11)``): a module match keeps all of its parameters.
+
+Nothing is matched by substring: the seed's fork tested ``'head' in name`` and
+``'norm' in name``, which froze its queries and upscaler (see reference/eomt.md).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence
+
+from torch import nn
+
+from .layer import LoRALinear
+
+__all__ = ['freeze_base_model', 'count_parameters', 'NORM_TYPES']
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
+              nn.LocalResponseNorm) + ((nn.RMSNorm, ) if hasattr(nn, 'RMSNorm') else ())
+
+_LORA_PARAMS = ('lora_A', 'lora_B')
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    # Exact name, or a full-match regex; a plain dotted name is compared literally.
+    return name == pattern or re.fullmatch(pattern, name) is not None
+
+
+def _check_prefixes(model: nn.Module, base_prefixes: Sequence[str]) -> List[str]:
+    if isinstance(base_prefixes, str):
+        base_prefixes = [base_prefixes]
+    prefixes = list(base_prefixes)
+    if not prefixes:
+        raise ValueError("base_prefixes is empty: name the pretrained part of the model "
+                         "(e.g. ['backbone'], or [''] for the whole model)")
+    for p in prefixes:
+        if not isinstance(p, str):
+            raise ValueError(f'base_prefixes entries must be strings, got {p!r}')
+        if p:
+            try:
+                model.get_submodule(p)
+            except AttributeError:
+                children = [n for n, _ in model.named_children()]
+                raise ValueError(
+                    f'base prefix {p!r} is not a submodule of {type(model).__name__} '
+                    f'(top-level children: {children}); set base_prefixes to the '
+                    "pretrained part, [''] meaning the whole model") from None
+    return prefixes
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(p == '' or name == p or name.startswith(p + '.') for p in prefixes)
+
+
+def freeze_base_model(model: nn.Module,
+                      base_prefixes: Sequence[str] = ('backbone', ),
+                      trainable_modules: Optional[Sequence[str]] = None,
+                      trainable_norms: bool = True) -> List[str]:
+    """Set ``requires_grad=False`` on the pretrained base except LoRA and chosen modules.
+
+    Args:
+        model (nn.Module): The model (LoRA already injected), modified in place.
+        base_prefixes (Sequence[str]): Qualified names of the pretrained submodules;
+            ``''`` is the whole model. Parameters elsewhere are left as they are.
+            Defaults to ``('backbone',)``.
+        trainable_modules (Sequence[str] | None): Modules or parameters inside the base
+            kept trainable, by exact qualified name or full-match regex. Each entry must
+            match something inside the base. Defaults to None (none besides norms).
+        trainable_norms (bool): Keep normalisation layers of the base (by type, see
+            ``NORM_TYPES``) trainable. Defaults to True.
+
+    Returns:
+        list[str]: Names of the parameters now frozen.
+
+    Raises:
+        ValueError: A prefix that is not a submodule, a ``trainable_modules`` entry that
+            is not a valid regex or matches nothing in the base.
+    """
+    prefixes = _check_prefixes(model, base_prefixes)
+    patterns = list(trainable_modules or [])
+    for pat in patterns:
+        if not isinstance(pat, str) or not pat:
+            raise ValueError(f'trainable_modules entries must be non-empty strings, got {pat!r}')
+        try:
+            re.compile(pat)
+        except re.error as err:
+            raise ValueError(f'trainable_modules entry {pat!r} is neither an exact name '
+                             f'nor a valid regular expression ({err})') from None
+
+    keep_modules = set()
+    hits = {p: 0 for p in patterns}
+    for name, module in model.named_modules():
+        if not _under(name, prefixes) or name == '':
+            continue
+        for pat in patterns:
+            if _name_matches(name, pat):
+                hits[pat] += 1
+                keep_modules.add(name)
+        if trainable_norms and isinstance(module, NORM_TYPES):
+            keep_modules.add(name)
+
+    frozen: List[str] = []
+    for mod_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            full = f'{mod_name}.{pname}' if mod_name else pname
+            if isinstance(module, LoRALinear) and pname in _LORA_PARAMS:
+                param.requires_grad_(True)
+                continue
+            if not _under(full, prefixes):
+                continue
+            keep = False
+            for pat in patterns:
+                if _name_matches(full, pat):
+                    hits[pat] += 1
+                    keep = True
+            # A parameter is kept if its module or any ancestor module is kept.
+            parts = mod_name.split('.') if mod_name else []
+            ancestors = ['.'.join(parts[:i]) for i in range(len(parts), 0, -1)]
+            if keep or any(a in keep_modules for a in ancestors):
+                continue
+            param.requires_grad_(False)
+            frozen.append(full)
+
+    unmatched = [p for p, c in hits.items() if c == 0]
+    if unmatched:
+        raise ValueError(f'trainable_modules {unmatched} match no module or parameter '
+                         f'inside the base {prefixes}; use exact qualified names '
+                         "(e.g. 'backbone.ln1') or full-match regexes")
+    return frozen
+
+
+def count_parameters(model: nn.Module) -> Dict[str, float]:
+    """Parameter counts for logging.
+
+    Args:
+        model (nn.Module): Any model (wrappers are the caller's business).
+
+    Returns:
+        dict: ``total``, ``trainable`` and ``lora`` (elements of LoRA matrices) as ints,
+        and ``trainable_pct`` = 100 * trainable / total (0.0 for an empty model).
+        Shared parameters are counted once.
+    """
+    lora_ids = {
+        id(p)
+        for m in model.modules() if isinstance(m, LoRALinear)
+        for n, p in m.named_parameters(recurse=False) if n in _LORA_PARAMS
+    }
+    total = trainable = lora = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+        if id(p) in lora_ids:
+            lora += n
+    pct = 100.0 * trainable / total if total else 0.0
+    return dict(total=total, trainable=trainable, lora=lora, trainable_pct=pct)

@@ -1,0 +1,372 @@
+"""``LoRALinear``: a drop-in replacement for ``nn.Linear`` with a low-rank adapter.
+
+Design notes (why this is not PEFT's or loralib's layer):
+
+* It *is* an ``nn.Linear`` (subclass) and keeps the parameter names ``weight`` and
+  ``bias``, so a plain pretrained checkpoint loads unchanged, ``isinstance(m, nn.Linear)``
+  code keeps working, and mmengine initialisers that target ``layer='Linear'`` touch only
+  the base weights.
+* The unmerged forward never materialises ``B @ A``: it runs
+  ``addmm(base_out, A x, B^T, alpha=scaling)``, so the up-projection and the residual add
+  are one fused GEMM instead of a GEMM, a scale and an add over the whole output.
+* Dropout on the adapter input (``dropout > 0`` in training) goes through
+  :class:`_DropoutDownProj`, an autograd function that saves the *undropped* input (the
+  same tensor the ``dropout == 0`` path saves, so no extra activation memory) plus an
+  integer seed, and regenerates the keep-mask in backward. PEFT's ``Dropout -> Linear``
+  keeps a dropped copy of the input (and the mask) for backward. The price is one mask
+  regeneration and one masked multiply over the input in backward. Under ``torch.compile``
+  plain dropout is used instead (the seed draw would break the graph at every layer).
+* ``enable_slices`` adapts only some equal chunks of ``out_features`` (fused ``qkv``: q and
+  v only), with one independent rank-``r`` pair per adapted chunk (as the LoRA paper's
+  separate ``W_q`` / ``W_v`` adapters and loralib's ``MergedLinear``). Disabled chunks get an
+  exactly-zero update.
+* ``merge()`` folds ``scaling * B A`` into ``weight``; a merged layer runs exactly
+  ``F.linear(x, weight, bias)``. Running a merged layer in training mode with autograd on
+  raises: its LoRA matrices would get no gradient and any update of ``weight`` would
+  corrupt the base weights once unmerged. We raise instead of auto-unmerging because an
+  implicit unmerge inside ``forward`` would hide a costly, precision-losing weight edit.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from mmengine.registry import MODELS
+from torch import Tensor, nn
+
+__all__ = ['LoRALinear']
+
+_INIT_LORA_A = ('kaiming_uniform', 'gaussian')
+
+# One generator per (thread, device) used only to regenerate dropout masks from a seed.
+# Kept out of the module so that deepcopy / pickling of models (EMA, checkpoints) never
+# meets a torch.Generator.
+_THREAD_STATE = threading.local()
+
+
+def _mask_generator(device: torch.device) -> torch.Generator:
+    cache = getattr(_THREAD_STATE, 'generators', None)
+    if cache is None:
+        cache = _THREAD_STATE.generators = {}
+    gen = cache.get(device)
+    if gen is None:
+        gen = cache[device] = torch.Generator(device=device)
+    return gen
+
+
+def _keep_mask(shape: torch.Size, device: torch.device, p: float,
+               seed: int) -> Tensor:
+    """Bool keep-mask (``True`` with probability ``1 - p``), a pure function of ``seed``."""
+    gen = _mask_generator(device)
+    gen.manual_seed(seed)
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(
+        1.0 - p, generator=gen)
+
+
+def _draw_seed() -> int:
+    # Drawn from the default CPU generator so ``torch.manual_seed`` makes runs
+    # reproducible and activation checkpointing (which restores RNG state before
+    # recomputing) regenerates the same mask; a CPU draw never syncs the GPU.
+    return int(torch.randint(0, 2**62, (1, )).item())
+
+
+class _DropoutDownProj(torch.autograd.Function):
+    """``F.linear(dropout(x, p), A)`` that saves ``x`` and a seed, not the dropped copy."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lora_a: Tensor, p: float, seed: int) -> Tensor:
+        keep = _keep_mask(x.shape, x.device, p, seed)
+        # The 1/(1-p) rescale is applied on the r-wide output, the cheapest place.
+        out = F.linear(x * keep, lora_a).mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(x, lora_a)
+        ctx.p, ctx.seed = p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, lora_a = ctx.saved_tensors
+        keep = _keep_mask(x.shape, x.device, ctx.p, ctx.seed)
+        # Scale folded into the small operands (A: r x in, grad: N x r) so that no extra
+        # pass over an input-sized tensor is spent on it.
+        grad_s = grad_out * (1.0 / (1.0 - ctx.p))
+        # Backward runs outside autocast: compute in the gradient's dtype explicitly.
+        dtype = grad_out.dtype
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_s @ lora_a.to(dtype)).mul_(keep).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            g2d = grad_s.reshape(-1, grad_s.shape[-1])
+            xd = (x * keep).to(dtype).reshape(-1, x.shape[-1])
+            grad_a = (g2d.t() @ xd).to(lora_a.dtype)
+        return grad_x, grad_a, None, None
+
+
+@MODELS.register_module()
+class LoRALinear(nn.Linear):
+    """Linear layer with a low-rank adapter: ``y = W0 x + b + scaling * B A dropout(x)``.
+
+    Args:
+        in_features (int): Size of each input sample.
+        out_features (int): Size of each output sample.
+        bias (bool): Whether the base layer has a bias. Defaults to True.
+        rank (int): Rank ``r`` of the adapter (> 0). Defaults to 8.
+        alpha (float): Scaling numerator (> 0): ``scaling = alpha / r``, or
+            ``alpha / sqrt(r)`` with ``use_rslora``. Defaults to 16.0.
+        dropout (float): Dropout probability on the adapter input, in ``[0, 1)``.
+            Applied only in training mode. Defaults to 0.0.
+        use_rslora (bool): Use rank-stabilised scaling ``alpha / sqrt(r)``.
+            Defaults to False.
+        init_lora_a (str): ``'kaiming_uniform'`` (as ``nn.Linear``'s weight, ``a=sqrt(5)``)
+            or ``'gaussian'`` (normal with std ``1 / r``). ``lora_B`` always starts at zero.
+            Defaults to ``'kaiming_uniform'``.
+        enable_slices (Sequence[bool] | None): Split ``out_features`` into
+            ``len(enable_slices)`` equal chunks and adapt only the chunks marked True
+            (fused qkv: ``[True, False, True]`` = q and v). Each adapted chunk gets its own
+            rank-``r`` pair: ``lora_A`` is ``(r * n_enabled) x in`` and ``lora_B`` is
+            ``(chunk * n_enabled) x r``. None adapts the whole output (``lora_A`` ``r x in``,
+            ``lora_B`` ``out x r``). Defaults to None.
+        device (torch.device | str | None): Device of the parameters.
+        dtype (torch.dtype | None): Dtype of the parameters.
+
+    Attributes:
+        merged (bool): Whether the adapter is folded into ``weight``.
+        adapter_enabled (bool): When False the layer computes only the base ``W0 x + b``
+            (used by ``disable_adapters``). A merged layer must be unmerged first.
+    """
+
+    def __init__(self,
+                 in_features: int,
+                 out_features: int,
+                 bias: bool = True,
+                 rank: int = 8,
+                 alpha: float = 16.0,
+                 dropout: float = 0.0,
+                 use_rslora: bool = False,
+                 init_lora_a: str = 'kaiming_uniform',
+                 enable_slices: Optional[Sequence[bool]] = None,
+                 device=None,
+                 dtype=None) -> None:
+        _check_lora_args(rank, alpha, dropout, init_lora_a)
+        slices = _check_slices(enable_slices, out_features)
+        super().__init__(in_features, out_features, bias=bias, device=device,
+                         dtype=dtype)
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.init_lora_a = init_lora_a
+        self.enable_slices = slices
+        self.scaling = (self.alpha / math.sqrt(self.rank)
+                        if self.use_rslora else self.alpha / self.rank)
+        self.merged = False
+        self.adapter_enabled = True
+
+        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        if slices is None:
+            n_en, rows_out = 1, out_features
+        else:
+            chunk = out_features // len(slices)
+            n_en = sum(slices)
+            rows_out = chunk * n_en
+            rows = torch.cat([
+                torch.arange(i * chunk, (i + 1) * chunk)
+                for i, on in enumerate(slices) if on
+            ])
+            # Non-persistent: follows .to(device) but stays out of the state dict.
+            self.register_buffer('_lora_rows', rows.to(factory['device']),
+                                 persistent=False)
+        self.lora_A = nn.Parameter(
+            torch.empty(self.rank * n_en, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(rows_out, self.rank, **factory))
+        self.reset_lora_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Re-initialise base weights as ``nn.Linear`` does, and the adapter."""
+        super().reset_parameters()
+        # nn.Linear.__init__ calls this before the LoRA matrices exist.
+        if 'lora_A' in self._parameters:
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """Initialise ``lora_A`` (kaiming-uniform or gaussian) and zero ``lora_B``."""
+        if self.merged:
+            raise RuntimeError(
+                'LoRALinear.reset_lora_parameters() on a merged layer would make '
+                'unmerge() restore wrong base weights; call unmerge() first.')
+        with torch.no_grad():
+            if self.init_lora_a == 'kaiming_uniform':
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+            nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **lora_kwargs) -> 'LoRALinear':
+        """Build a LoRALinear holding a copy of ``linear``'s weights.
+
+        The copy lives on ``linear``'s device with its dtype and keeps the
+        ``requires_grad`` flags and train/eval mode of the original.
+
+        Args:
+            linear (nn.Linear): The layer to adapt (not modified).
+            **lora_kwargs: ``rank``, ``alpha``, ``dropout``, ``use_rslora``,
+                ``init_lora_a``, ``enable_slices`` as in the constructor.
+
+        Returns:
+            LoRALinear: The adapted layer; equal to ``linear`` at initialisation.
+        """
+        if isinstance(linear, LoRALinear):
+            raise TypeError('from_linear() got a LoRALinear; adapters are never nested.')
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f'from_linear() expects nn.Linear, got {type(linear).__name__}.')
+        # Built on the meta device so the base weight is not randomly initialised
+        # only to be overwritten by the copy.
+        layer = cls(linear.in_features, linear.out_features,
+                    bias=linear.bias is not None, device='meta',
+                    dtype=linear.weight.dtype, **lora_kwargs)
+        layer = layer.to_empty(device=linear.weight.device)
+        if layer.enable_slices is not None:
+            chunk = layer.out_features // len(layer.enable_slices)
+            layer._lora_rows = torch.cat([
+                torch.arange(i * chunk, (i + 1) * chunk)
+                for i, on in enumerate(layer.enable_slices) if on
+            ]).to(linear.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.reset_lora_parameters()
+        layer.weight.requires_grad_(linear.weight.requires_grad)
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        layer.train(linear.training)
+        return layer
+
+    # --------------------------------------------------------------- compute
+    def _up_weight(self) -> Tensor:
+        """Up-projection as an ``out x (r * n_enabled)`` matrix (zero rows = not adapted)."""
+        if self.enable_slices is None:
+            return self.lora_B
+        n_en = sum(self.enable_slices)
+        blocks = torch.block_diag(*self.lora_B.chunk(n_en, dim=0))
+        full = self.lora_B.new_zeros(self.out_features, self.rank * n_en)
+        return full.index_copy(0, self._lora_rows, blocks)
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B A`` as an ``out x in`` tensor in ``weight``'s dtype.
+
+        Computed in fp32 (at least) and cast, so merging low-precision weights does not
+        also lose precision in the product. Rows of disabled slices are exactly zero.
+        """
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = self._up_weight().to(dtype) @ self.lora_A.to(dtype)
+        return (delta * self.scaling).to(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            if not self.adapter_enabled:
+                raise RuntimeError(
+                    'LoRALinear: adapter disabled on a merged layer; the weight still '
+                    'holds the adapter. Call unmerge() before disabling adapters.')
+            if self.training and torch.is_grad_enabled():
+                raise RuntimeError(
+                    'LoRALinear: forward in training mode with autograd on a merged '
+                    'layer: the LoRA matrices would get no gradient and updates to '
+                    'weight would corrupt the base. Call unmerge() before training, or '
+                    'use eval() / torch.no_grad() for inference.')
+            return F.linear(x, self.weight, self.bias)
+        base = F.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return base
+        if self.dropout > 0.0 and self.training:
+            if torch.compiler.is_compiling():
+                # The seed draw is a host sync that would break the graph at every layer;
+                # compiled graphs use plain dropout, whose mask the compiler's partitioner
+                # may recompute in backward itself.
+                down = F.linear(F.dropout(x, self.dropout, True), self.lora_A)
+            else:
+                down = _DropoutDownProj.apply(x, self.lora_A, self.dropout, _draw_seed())
+        else:
+            down = F.linear(x, self.lora_A)
+        out = torch.addmm(base.reshape(-1, self.out_features),
+                          down.reshape(-1, down.shape[-1]),
+                          self._up_weight().t(),
+                          alpha=self.scaling)
+        return out.view(base.shape)
+
+    # ----------------------------------------------------------------- merge
+    def merge(self, safe: bool = False) -> None:
+        """Fold ``scaling * B A`` into ``weight`` (no-op if already merged).
+
+        Args:
+            safe (bool): Compute the merged weight in a copy and refuse (RuntimeError)
+                if it is not finite, leaving the layer untouched. Defaults to False.
+        """
+        if self.merged:
+            return
+        with torch.no_grad():
+            if safe:
+                merged_w = self.weight + self.delta_weight()
+                if not torch.isfinite(merged_w).all():
+                    raise RuntimeError(
+                        'LoRALinear.merge(safe=True): merged weight has NaN/inf; '
+                        'the adapter is broken. Layer left unmerged.')
+                self.weight.copy_(merged_w)
+            else:
+                self.weight.add_(self.delta_weight())
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``scaling * B A`` from ``weight`` (no-op if not merged).
+
+        Exact up to floating-point rounding (fp32: ~1e-7 relative); not bit-exact,
+        and noticeably lossy in fp16/bf16.
+        """
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        s = (f'{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, '
+             f'scaling={self.scaling:g}, dropout={self.dropout:g}')
+        if self.use_rslora:
+            s += ', use_rslora=True'
+        if self.enable_slices is not None:
+            s += f', enable_slices={list(self.enable_slices)}'
+        if self.merged:
+            s += ', merged=True'
+        return s
+
+
+def _check_lora_args(rank, alpha, dropout, init_lora_a) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f'LoRA rank must be a positive int, got {rank!r}.')
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f'LoRA alpha must be a number > 0, got {alpha!r}.')
+    if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+            or not 0.0 <= dropout < 1.0):
+        raise ValueError(f'LoRA dropout must be in [0, 1), got {dropout!r}.')
+    if init_lora_a not in _INIT_LORA_A:
+        raise ValueError(f'init_lora_a must be one of {_INIT_LORA_A}, got {init_lora_a!r}.')
+
+
+def _check_slices(enable_slices, out_features: int):
+    if enable_slices is None:
+        return None
+    slices = tuple(enable_slices)
+    if not slices or not all(isinstance(s, bool) for s in slices):
+        raise ValueError('enable_slices must be a non-empty sequence of bools, '
+                         f'got {enable_slices!r}.')
+    if not any(slices):
+        raise ValueError(f'enable_slices={list(slices)} adapts nothing; '
+                         'mark at least one slice True.')
+    if out_features % len(slices):
+        raise ValueError(f'out_features={out_features} is not divisible into '
+                         f'{len(slices)} equal slices (enable_slices={list(slices)}).')
+    return slices
