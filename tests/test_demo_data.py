@@ -336,7 +336,7 @@ def test_demo_train_loader_through_cityscapes_dataset(full_demo):
 
 
 def test_demo_val_and_anomaly_loaders(full_demo):
-    cfg = _config('demo_roads.py', val_dataloader=full_demo, anomaly_test_dataloader=full_demo)
+    cfg = _config('demo_roads.py', val_dataloader=full_demo)
     val = list(_loader(cfg.val_dataloader))
     assert len(val) == 12
     sample = val[0]['data_samples'][0]
@@ -344,12 +344,14 @@ def test_demo_val_and_anomaly_loaders(full_demo):
     assert sample.gt_sem_seg.data.shape == (1, 128, 256)
     assert sample.metainfo['img_path'].endswith('_leftImg8bit.png')
 
-    anomaly = list(_loader(cfg.anomaly_test_dataloader))
+    anomaly_cfg = _config('anomaly_demo_roads.py', test_dataloader=Path(full_demo) / 'anomaly')
+    anomaly = list(_loader(anomaly_cfg.test_dataloader))
     assert len(anomaly) == 12
     for batch in anomaly:
         gt = batch['data_samples'][0].gt_sem_seg.data
+        assert gt.shape == (1, 128, 256)
         assert set(gt.unique().tolist()) <= {0, 1, 255} and (gt == 1).any()
-    assert cfg.anomaly_test_evaluator['type'] == 'AnomalyMetric'
+    assert anomaly_cfg.test_evaluator['type'] == 'AnomalyMetric'
 
 
 def test_cityscapes_configs_read_cityscapes_layout(full_demo):

@@ -16,6 +16,3 @@ log_level = 'INFO'
 load_from = None
 resume = False
 tta_model = dict(type='SegTTAModel')
-
-# Logs total / trainable / LoRA parameter counts when training starts.
-custom_hooks = [dict(type='TrainableParamsHook')]

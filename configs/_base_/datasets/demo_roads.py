@@ -50,27 +50,4 @@ test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator
 
-# Held-out anomaly split (anomaly/images + anomaly/labels_masks: 0 inlier, 1 anomaly, 255 void),
-# in the common benchmark layout. Use it as `test_dataloader = _base_.anomaly_test_dataloader`
-# and `test_evaluator = _base_.anomaly_test_evaluator` with a model whose test_cfg has
-# anomaly_scores=['msp', 'maxlogit', 'rba'].
-anomaly_test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=img_scale, keep_ratio=True),
-    dict(type='LoadAnnotations'),
-    dict(type='RemapAnomalyLabels'),  # checks that only 0 / 1 / 255 occur
-    dict(type='PackSegInputs'),
-]
-anomaly_test_dataloader = dict(
-    batch_size=1,
-    num_workers=0,
-    persistent_workers=False,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(
-        type='AnomalyFolderDataset',
-        data_root=data_root,
-        data_prefix=dict(img_path='anomaly/images', seg_map_path='anomaly/labels_masks'),
-        pipeline=anomaly_test_pipeline))
-# Pixel metrics only: SegmentMeIfYouCan's component size filters (500 / 100 px) are meant for
-# 2048x1024 frames and would discard most components of these 128x256 images.
-anomaly_test_evaluator = dict(type='AnomalyMetric', score_names=['msp', 'maxlogit', 'rba'])
+# The held-out anomaly split has its own config: anomaly_demo_roads.py (tools/eval_anomaly.py).

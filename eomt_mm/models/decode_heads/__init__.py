@@ -1,0 +1,3 @@
+from .eomt_decoder import EoMTDecoder
+
+__all__ = ['EoMTDecoder']

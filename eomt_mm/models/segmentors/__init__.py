@@ -1,0 +1,3 @@
+from .eomt import EoMT
+
+__all__ = ['EoMT']
