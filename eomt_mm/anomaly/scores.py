@@ -1,0 +1,177 @@
+"""Per-pixel anomaly scores from mask-transformer (EoMT) outputs.
+
+Every score follows ``shared/reference/anomaly.md``. With per-query class probabilities
+``p_q = softmax(c_q)`` over ``K + 1`` entries (the last one is "no object") and mask logits
+``m_q``, the semantic inference map is ``S_k(x) = sum_q p_q[k] * sigmoid(m_q(x))`` for the
+``K`` real classes. Higher score = more anomalous for every name:
+
+=========  ==========================================================================
+name       score
+=========  ==========================================================================
+msp        ``1 - max_k S_k``
+maxlogit   ``-max_k L_k`` with ``L_k = sum_q c_q[k] * sigmoid(m_q)``
+entropy    Shannon entropy (nats) of ``S`` normalised to sum 1 over ``k``
+energy     ``-logsumexp_k S_k``
+rba        ``-sum_k tanh(S_k)`` (Nayal et al., ICCV 2023)
+eam        ``1 - sum_q sigmoid(m_q) * max_{k<=K} p_q[k]``
+=========  ==========================================================================
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence, Union
+
+import torch
+from torch import Tensor
+
+#: Names accepted by :func:`compute_anomaly_scores`, in documentation order.
+SCORE_NAMES = ('msp', 'maxlogit', 'entropy', 'energy', 'rba', 'eam')
+
+# Scores that need the semantic map S (B, K, pixels).
+_NEEDS_S = frozenset({'msp', 'entropy', 'energy', 'rba'})
+
+# Pixels per chunk: bounds the (K, pixels) float32 intermediates (S and L) to K * 4 MiB each,
+# so a 2048x1024 label map with K=19 never holds the full 160 MB semantic map twice.
+_DEFAULT_CHUNK_PIXELS = 1 << 20
+
+
+def check_score_names(names: Union[str, Iterable[str]]) -> List[str]:
+    """Validates score names and returns them as a de-duplicated list (order kept).
+
+    Args:
+        names: one score name or an iterable of names (case-insensitive).
+
+    Returns:
+        The lower-cased names, without duplicates.
+
+    Raises:
+        ValueError: a name is not one of :data:`SCORE_NAMES`, or no name is given.
+    """
+    if isinstance(names, str):
+        names = [names]
+    out: List[str] = []
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f'anomaly score names must be strings, got {name!r} '
+                             f'({type(name).__name__}); valid names: {", ".join(SCORE_NAMES)}')
+        key = name.lower()
+        if key not in SCORE_NAMES:
+            raise ValueError(f'unknown anomaly score {name!r}; valid names: '
+                             f'{", ".join(SCORE_NAMES)}')
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise ValueError(f'no anomaly score name given; valid names: {", ".join(SCORE_NAMES)}')
+    return out
+
+
+def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """The semantic inference map ``S_k = sum_q softmax(c_q)[k] * sigmoid(m_q)``.
+
+    Differentiable (used by the RbA outlier loss); computed in float32.
+
+    Args:
+        class_logits: ``[B, Q, K+1]`` per-query class logits (last entry = no object).
+        mask_logits: ``[B, Q, H, W]`` per-query mask logits.
+
+    Returns:
+        ``[B, K, H, W]`` float32 tensor.
+    """
+    _check_shapes(class_logits, mask_logits)
+    probs = class_logits.float().softmax(-1)[..., :-1]
+    return torch.einsum('bqk,bqhw->bkhw', probs, mask_logits.float().sigmoid())
+
+
+def _check_shapes(class_logits: Tensor, mask_logits: Tensor) -> None:
+    if not isinstance(class_logits, Tensor) or class_logits.dim() != 3:
+        raise ValueError('class_logits must be a tensor [B, Q, K+1], got '
+                         f'{getattr(class_logits, "shape", type(class_logits).__name__)}')
+    if not isinstance(mask_logits, Tensor) or mask_logits.dim() != 4:
+        raise ValueError('mask_logits must be a tensor [B, Q, H, W], got '
+                         f'{getattr(mask_logits, "shape", type(mask_logits).__name__)}')
+    if class_logits.shape[:2] != mask_logits.shape[:2]:
+        raise ValueError(f'class_logits {tuple(class_logits.shape)} and mask_logits '
+                         f'{tuple(mask_logits.shape)} disagree on batch size / number of queries')
+    if class_logits.shape[-1] < 2:
+        raise ValueError('class_logits needs at least one class plus the no-object entry, '
+                         f'got last dimension {class_logits.shape[-1]}')
+
+
+def _scores_on_chunk(names: Sequence[str], probs: Tensor, logits: Tensor, best_prob: Tensor,
+                     sig: Tensor) -> Dict[str, Tensor]:
+    """Scores for one chunk of pixels.
+
+    Args:
+        names: validated score names.
+        probs: ``[B, Q, K]`` class probabilities without the no-object entry.
+        logits: ``[B, Q, K]`` class logits without the no-object entry.
+        best_prob: ``[B, Q]`` ``max_k probs``.
+        sig: ``[B, Q, P]`` sigmoid of the mask logits of ``P`` pixels.
+
+    Returns:
+        name -> ``[B, P]`` float32.
+    """
+    out: Dict[str, Tensor] = {}
+    if _NEEDS_S.intersection(names):
+        sem = torch.einsum('bqk,bqp->bkp', probs, sig)
+        for name in names:
+            if name == 'msp':
+                out[name] = 1.0 - sem.amax(dim=1)
+            elif name == 'entropy':
+                total = sem.sum(dim=1, keepdim=True).clamp_min(torch.finfo(sem.dtype).tiny)
+                dist = sem / total
+                # xlogy gives 0 * log 0 = 0 for classes whose mass underflows to zero.
+                out[name] = -torch.special.xlogy(dist, dist).sum(dim=1)
+            elif name == 'energy':
+                out[name] = -torch.logsumexp(sem, dim=1)
+            elif name == 'rba':
+                out[name] = -torch.tanh(sem).sum(dim=1)
+        del sem
+    if 'maxlogit' in names:
+        out['maxlogit'] = -torch.einsum('bqk,bqp->bkp', logits, sig).amax(dim=1)
+    if 'eam' in names:
+        out['eam'] = 1.0 - torch.einsum('bq,bqp->bp', best_prob, sig)
+    return out
+
+
+def compute_anomaly_scores(class_logits: Tensor, mask_logits: Tensor,
+                           names: Union[str, Iterable[str]],
+                           chunk_pixels: int = _DEFAULT_CHUNK_PIXELS) -> Dict[str, Tensor]:
+    """Computes several anomaly scores in one pass over the pixels.
+
+    The mask logits must already be at the resolution the scores are evaluated at (the label
+    resolution): scores are non-linear in the mask logits, so upsampling a score map is not the
+    same as scoring upsampled mask logits. Everything is computed in float32 whatever the input
+    dtype, pixel chunk by pixel chunk so the ``[B, K, pixels]`` intermediates stay bounded.
+
+    Args:
+        class_logits: ``[B, Q, K+1]`` per-query class logits, last entry = no object.
+        mask_logits: ``[B, Q, H, W]`` per-query mask logits.
+        names: a score name or names among :data:`SCORE_NAMES` (case-insensitive).
+        chunk_pixels: number of pixels processed at a time (memory bound, not a result knob).
+
+    Returns:
+        dict name -> ``[B, H, W]`` float32 tensor (higher = more anomalous), in the order given.
+
+    Raises:
+        ValueError: unknown score name (the message lists the valid ones) or bad shapes.
+    """
+    names = check_score_names(names)
+    _check_shapes(class_logits, mask_logits)
+    if chunk_pixels < 1:
+        raise ValueError(f'chunk_pixels must be >= 1, got {chunk_pixels}')
+    b, q, h, w = mask_logits.shape
+    logits_all = class_logits.float()
+    probs = logits_all.softmax(-1)[..., :-1]
+    logits = logits_all[..., :-1]
+    best_prob = probs.amax(dim=-1)
+    flat = mask_logits.reshape(b, q, h * w)
+    outs = {name: torch.empty(b, h * w, dtype=torch.float32, device=mask_logits.device)
+            for name in names}
+    # Only a chunk of the sigmoid is alive at a time; the output maps are the only full-size
+    # allocations besides the caller's own mask logits.
+    for start in range(0, h * w, chunk_pixels):
+        stop = min(start + chunk_pixels, h * w)
+        sig = flat[..., start:stop].float().sigmoid()
+        for name, value in _scores_on_chunk(names, probs, logits, best_prob, sig).items():
+            outs[name][:, start:stop] = value
+    return {name: value.view(b, h, w) for name, value in outs.items()}

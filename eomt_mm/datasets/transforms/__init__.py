@@ -1,0 +1,2 @@
+from .paste_outliers import PasteOutliers  # noqa: F401
+from .remap_anomaly_labels import RemapAnomalyLabels, build_label_lut  # noqa: F401

@@ -1,0 +1,113 @@
+"""tools/eval_anomaly.py end to end: tiny EoMT checkpoint, two tiny benchmark folders, one table."""
+import csv
+import importlib.util
+import json
+import os.path as osp
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from mmengine.registry import init_default_scope
+from mmseg.registry import MODELS
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+MODEL_CFG = """
+default_scope = 'mmseg'
+custom_imports = dict(imports=['eomt_mm'], allow_failed_imports=False)
+model = dict(
+    type='EoMT',
+    data_preprocessor=dict(type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53],
+                           std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
+                           seg_pad_val=255, size_divisor=8),
+    backbone=dict(type='DINOv2', arch=dict(embed_dims=32, num_layers=2, num_heads=2,
+                                           feedforward_channels=64),
+                  img_size=32, patch_size=8, num_register_tokens=0),
+    decoder=dict(type='EoMTDecoder', num_classes=3, num_queries=4, num_blocks=1, num_points=16),
+    test_cfg=dict(mode='whole'))
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='gloo'))
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1))
+log_level = 'WARNING'
+"""
+
+DATASET_CFG = """
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RemapAnomalyLabels'),
+    dict(type='PackSegInputs'),
+]
+test_dataloader = dict(batch_size=2, num_workers=0, sampler=dict(type='DefaultSampler',
+                       shuffle=False),
+                       dataset=dict(type='{type}', data_root='{root}', pipeline=test_pipeline))
+test_evaluator = dict(type='AnomalyMetric', score_names=['msp'], track='obstacle')
+"""
+
+
+def _folder(root, anomaly_value, n=3):
+    rng = np.random.default_rng(anomaly_value)
+    (root / 'images').mkdir(parents=True)
+    (root / 'labels_masks').mkdir()
+    for i in range(n):
+        cv2.imwrite(str(root / 'images' / f'f{i}.png'),
+                    rng.integers(0, 255, (32, 40, 3), dtype=np.uint8))
+        label = np.zeros((32, 40), np.uint8)
+        label[8:16, 8 + i:20 + i] = anomaly_value
+        label[-4:] = 255
+        cv2.imwrite(str(root / 'labels_masks' / f'f{i}.png'), label)
+
+
+@pytest.mark.slow
+def test_eval_tool_prints_one_table(tmp_path, capsys):
+    init_default_scope('mmseg')
+    cfg_path = tmp_path / 'tiny_eomt.py'
+    cfg_path.write_text(MODEL_CFG)
+    ns = {}
+    exec(MODEL_CFG, ns)
+    model = MODELS.build(ns['model'])
+    ckpt = tmp_path / 'tiny.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+
+    specs = []
+    for name, dtype, value in (('ra21', 'RoadAnomaly21Dataset', 1),
+                               ('ra', 'RoadAnomalyDataset', 2)):
+        root = tmp_path / name
+        _folder(root, value)
+        ds_cfg = tmp_path / f'anomaly_{name}.py'
+        ds_cfg.write_text(DATASET_CFG.format(type=dtype, root=root))
+        specs.append(f'{name}={ds_cfg}')
+
+    spec = importlib.util.spec_from_file_location('eval_anomaly',
+                                                  osp.join(ROOT, 'tools', 'eval_anomaly.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out_dir = tmp_path / 'out'
+    results = tool.main([str(cfg_path), str(ckpt), '--datasets', *specs, '--scores', 'msp',
+                         'rba', '--out-dir', str(out_dir), '--component-metrics',
+                         '--show-dir', str(tmp_path / 'vis'), '--show-score', 'rba',
+                         '--max-show', '2'])
+    assert set(results) == {'ra21', 'ra'}
+    for metrics in results.values():
+        for score in ('msp', 'rba'):
+            assert 0 <= metrics[f'{score}/AuPRC'] <= 100
+            assert 0 <= metrics[f'{score}/AUROC'] <= 100
+            assert f'{score}/mean_F1' in metrics
+    printed = capsys.readouterr().out
+    assert 'dataset' in printed and 'ra21' in printed and 'AuPRC' in printed
+    with open(out_dir / 'anomaly.csv') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['dataset', 'score', 'AuPRC', 'FPR95', 'AUROC', 'sIoU', 'PPV', 'mean_F1']
+    assert [r[:2] for r in rows[1:]] == [['ra21', 'msp'], ['ra21', 'rba'], ['ra', 'msp'],
+                                         ['ra', 'rba']]
+    table = json.loads((out_dir / 'anomaly.json').read_text())
+    assert table[0]['AuPRC'] == pytest.approx(results['ra21']['msp/AuPRC'])
+    pictures = sorted(p.name for p in (tmp_path / 'vis' / 'ra').iterdir())
+    assert pictures == ['f0_rba.png', 'f1_rba.png']
+    picture = cv2.imread(str(tmp_path / 'vis' / 'ra' / 'f0_rba.png'))
+    assert picture.shape == (32, 3 * 40, 3)  # image | heat map | ground truth
+    gt_panel = picture[:, 80:]
+    assert (gt_panel[8:16, 8:20] == 255).all() and (gt_panel[-4:] == 128).all()
+    with pytest.raises(FileNotFoundError, match='known names'):
+        tool.main([str(cfg_path), str(ckpt), '--datasets', 'nonexistent'])
