@@ -430,3 +430,132 @@ def test_lora_config_freezes_backbone_only_and_starts_at_base_outputs():
     img = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(lora.forward_logits(img)[0], base.forward_logits(img)[0])
+
+
+ALL_SCORES = ['msp', 'maxlogit', 'entropy', 'energy', 'rba', 'eam']
+
+
+def test_anomaly_whole_mode_scores_logits_upsampled_to_label_size():
+    """Protocol order: mask logits -> label size (unpad, unflip, resize), then the scores.
+
+    Scoring at the network input and resizing the score maps (the wrong order) differs here by
+    far more than the tolerance because the label (36 x 45) is smaller than the content.
+    """
+    from eomt_mm.anomaly.scores import compute_anomaly_scores
+
+    model = build_eomt(test_cfg=dict(mode='whole', anomaly_scores=ALL_SCORES))
+    model.eval()
+    img = torch.randn(1, 3, 64, 64)
+    # Content 56 x 50 (padding right 14, bottom 8), flipped, label 36 x 45.
+    meta = dict(padding_size=[0, 14, 0, 8], flip=True, flip_direction='horizontal')
+    with torch.no_grad():
+        out = model.predict(img, [_sample(36, 45, **meta)])[0]
+        (m, c), = plain_eomt(model, img)
+        m = F.interpolate(m, size=(64, 64), mode='bilinear', align_corners=False)
+        m = m[..., :56, :50].flip(-1)
+        m = F.interpolate(m, size=(36, 45), mode='bilinear', align_corners=False)
+        expected = compute_anomaly_scores(c, m, ALL_SCORES)
+        # The wrong order: score maps at the input, then unpad / unflip / resize them.
+        m_in = F.interpolate(plain_eomt(model, img)[0][0], size=(64, 64), mode='bilinear',
+                             align_corners=False)
+        wrong = compute_anomaly_scores(c, m_in, ALL_SCORES)
+    assert set(out.anomaly_scores.keys()) == set(ALL_SCORES)
+    worst_gap = 0.0
+    for name in ALL_SCORES:
+        got = out.anomaly_scores.get(name)
+        assert got.shape == (1, 36, 45) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-5)
+        resized = F.interpolate(wrong[name][:, None, :56, :50].flip(-1), size=(36, 45),
+                                mode='bilinear', align_corners=False)[:, 0]
+        worst_gap = max(worst_gap, float((resized - got).abs().max()))
+    assert worst_gap > 1e-3, worst_gap
+
+
+def test_anomaly_whole_mode_batch_with_different_label_sizes():
+    model = build_eomt(test_cfg=dict(mode='whole', anomaly_scores=['rba']))
+    model.eval()
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outs = model.predict(img, [_sample(64, 64), _sample(80, 96, padding_size=[0, 4, 0, 0])])
+        single = model.predict(img[1:], [_sample(80, 96, padding_size=[0, 4, 0, 0])])[0]
+    assert outs[0].anomaly_scores.rba.shape == (1, 64, 64)
+    assert outs[1].anomaly_scores.rba.shape == (1, 80, 96)
+    torch.testing.assert_close(outs[1].anomaly_scores.rba, single.anomaly_scores.rba)
+
+
+def _plain_window_scores(model, window, size, names):
+    from eomt_mm.anomaly.scores import compute_anomaly_scores
+    (m, c), = plain_eomt(model, window)
+    m = F.interpolate(m, size=size, mode='bilinear', align_corners=False)
+    return compute_anomaly_scores(c, m, names)
+
+
+def test_anomaly_slide_mode_windows_scored_at_label_scale():
+    """Input 32 x 64, crop 64 -> resized 64 x 128, windows at 0 and 64; label 48 x 96.
+
+    Each window's mask logits go straight to its 48 x 48 footprint at label scale.
+    """
+    names = ['msp', 'rba']
+    model = build_eomt(test_cfg=dict(mode='slide', crop_size=64, anomaly_scores=names))
+    model.eval()
+    img = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        out = model.predict(img, [_sample(48, 96)])[0]
+        big = F.interpolate(img, size=(64, 128), mode='bilinear', align_corners=False,
+                            antialias=True)
+        halves = [_plain_window_scores(model, big[..., s:s + 64], (48, 48), names)
+                  for s in (0, 64)]
+    for name in names:
+        got = out.anomaly_scores.get(name)
+        assert got.shape == (1, 48, 96) and got.dtype == torch.float32
+        expected = torch.cat([h[name] for h in halves], -1)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_anomaly_slide_mode_overlap_padding_flip():
+    """Input 64 x 160 (right padding 10 -> content 64 x 150), label 32 x 75, flipped.
+
+    Canvas = input x 0.5 = 32 x 80; windows at 0, 48, 96 -> canvas columns [0, 32), [24, 56),
+    [48, 80), averaged where they overlap; padding 5 cut, flip undone.
+    """
+    names = ['maxlogit', 'eam']
+    model = build_eomt(test_cfg=dict(mode='slide', crop_size=64, anomaly_scores=names))
+    model.eval()
+    img = torch.randn(1, 3, 64, 160)
+    meta = dict(padding_size=[0, 10, 0, 0], flip=True, flip_direction='horizontal')
+    with torch.no_grad():
+        out = model.predict(img, [_sample(32, 75, **meta)])[0]
+        parts = [_plain_window_scores(model, img[..., s:s + 64], (32, 32), names)
+                 for s in (0, 48, 96)]
+    count = torch.zeros(32, 80)
+    for lo in (0, 24, 48):
+        count[:, lo:lo + 32] += 1
+    for name in names:
+        total = torch.zeros(1, 32, 80)
+        for lo, part in zip((0, 24, 48), parts):
+            total[..., lo:lo + 32] += part[name]
+        expected = (total / count)[..., :75].flip(-1)
+        got = out.anomaly_scores.get(name)
+        assert got.shape == (1, 32, 75)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_anomaly_scores_stay_float32_under_autocast():
+    from eomt_mm.anomaly.scores import compute_anomaly_scores
+
+    model = build_eomt(test_cfg=dict(mode='whole', anomaly_scores=['rba', 'maxlogit']))
+    model.eval()
+    img = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model.predict(img, [_sample(48, 40, padding_size=[0, 14, 0, 8])])[0]
+        m, c = model.forward_logits(img)
+    assert m.dtype == torch.bfloat16  # the network itself did run in bfloat16
+    with torch.no_grad():
+        up = F.interpolate(m.float(), size=(64, 64), mode='bilinear', align_corners=False)
+        up = F.interpolate(up[..., :56, :50], size=(48, 40), mode='bilinear',
+                           align_corners=False)
+        expected = compute_anomaly_scores(c.float(), up, ['rba', 'maxlogit'])
+    for name in ('rba', 'maxlogit'):
+        got = out.anomaly_scores.get(name)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-6)

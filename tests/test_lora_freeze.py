@@ -381,3 +381,23 @@ def test_runner_trains_with_lora_config_end_to_end(tmp_path):
     assert not torch.equal(lora_b, before['backbone.layers.1.attn.qkv.lora_B'])
     assert not torch.equal(model.decode_head.conv_seg.weight,
                            before['decode_head.conv_seg.weight'])
+
+
+def test_adapter_enabled_config_switch_gives_base_outputs_with_lora_weights_loaded():
+    """``adapter_enabled=False``: same modules and keys, adapters off -> base model outputs."""
+    torch.manual_seed(0)
+    base = ToySegmentor()
+    trained = apply_lora(ToySegmentor(), SEED_CFG)
+    trained.load_state_dict(base.state_dict(), strict=False)
+    for name, p in trained.named_parameters():
+        if name.endswith('lora_B'):
+            torch.nn.init.normal_(p)  # an adapter that changes the output
+    switched_off = apply_lora(ToySegmentor(), dict(SEED_CFG, adapter_enabled=False))
+    switched_off.load_state_dict(trained.state_dict())  # strict: LoRA keys are all there
+    img = torch.randn(2, 3, 16, 16)
+    for m in (base, trained, switched_off):
+        m.eval()
+    assert not torch.allclose(trained(img), base(img))
+    assert torch.equal(switched_off(img), base(img))
+    with pytest.raises(ValueError, match='adapter_enabled must be a bool'):
+        apply_lora(ToySegmentor(), dict(SEED_CFG, adapter_enabled='no'))

@@ -71,7 +71,9 @@ class TimmStyleViT(nn.Module):
 def _mmpretrain_vit(layer_scale=0.0):
     from mmpretrain.registry import MODELS
     return MODELS.build(
-        dict(type='VisionTransformer',
+        # Scoped name: another test may have left 'mmseg' as the default scope, where a bare
+        # 'VisionTransformer' resolves to mmseg's ViT.
+        dict(type='mmpretrain.VisionTransformer',
              arch=dict(embed_dims=32, num_layers=2, num_heads=2, feedforward_channels=64),
              img_size=32, patch_size=8, layer_scale_init_value=layer_scale,
              out_type='cls_token'))

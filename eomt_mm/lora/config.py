@@ -9,7 +9,7 @@ from torch import nn
 
 from .freeze import freeze_base_model
 from .inject import _check_pattern, inject_lora
-from .layer import _INIT_LORA_A, _check_lora_args
+from .layer import _INIT_LORA_A, LoRALinear, _check_lora_args
 
 __all__ = ['LoRAConfig', 'apply_lora', 'get_lora_config']
 
@@ -47,6 +47,9 @@ class LoRAConfig:
             trainable (exact names or full-match regexes). Defaults to [].
         trainable_norms (bool): Keep the base's norm layers trainable (by type).
             Defaults to True.
+        adapter_enabled (bool): The config switch of ``disable_adapters``: False builds the
+            adapted model (LoRA keys still load from a checkpoint) with every adapter
+            switched off, so it computes the base model's outputs. Defaults to True.
     """
 
     enabled: bool = True
@@ -66,9 +69,11 @@ class LoRAConfig:
     base_prefixes: List[str] = field(default_factory=lambda: ['backbone'])
     trainable_modules: List[str] = field(default_factory=list)
     trainable_norms: bool = True
+    adapter_enabled: bool = True
 
     def __post_init__(self) -> None:
-        for key in ('enabled', 'freeze_base_model', 'use_rslora', 'trainable_norms'):
+        for key in ('enabled', 'freeze_base_model', 'use_rslora', 'trainable_norms',
+                    'adapter_enabled'):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f'lora_config.{key} must be a bool, got '
                                  f'{getattr(self, key)!r}')
@@ -206,6 +211,10 @@ def apply_lora(model: nn.Module,
         alpha_pattern=cfg.alpha_pattern,
         qkv_enable=cfg.qkv_enable,
         prefixes=cfg.base_prefixes)
+    if not cfg.adapter_enabled:
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.adapter_enabled = False
     if cfg.freeze_base_model:
         freeze_base_model(model, cfg.base_prefixes, cfg.trainable_modules,
                           cfg.trainable_norms)
