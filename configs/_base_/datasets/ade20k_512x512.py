@@ -3,14 +3,17 @@
 # layout of the official ADEChallengeData2016.zip, read by mmseg as it is.
 dataset_type = 'ADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'
+# Quoted by tools/train.py / test.py when the data folder is missing.
+data_preparation = ('unzip ADEChallengeData2016.zip into data/ade (README "Data preparation", '
+                    'ADE20K)')
 crop_size = (512, 512)
 # Validation: short side at the crop size; the model's sliding window covers the long side.
 test_scale = (2048, 512)
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFileChecked'),
     # The dataset's reduce_zero_label: label 0 ("other") -> 255 (ignore), 1..150 -> 0..149.
-    dict(type='LoadAnnotations'),
+    dict(type='LoadAnnotationsChecked'),
     # Reference scale jitter: fit into crop_size * s, s ~ U(0.5, 2) (long side = 512 s).
     dict(type='RandomResize', scale=crop_size, ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size),
@@ -19,9 +22,9 @@ train_pipeline = [
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFileChecked'),
     dict(type='Resize', scale=test_scale, keep_ratio=True),
-    dict(type='LoadAnnotations'),
+    dict(type='LoadAnnotationsChecked'),
     dict(type='PackSegInputs'),
 ]
 

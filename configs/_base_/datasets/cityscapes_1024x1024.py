@@ -7,14 +7,18 @@
 # pads instead of upscaling.
 dataset_type = 'CityscapesDataset'
 data_root = 'data/cityscapes/'
+# Quoted by tools/train.py / test.py when the data folder is missing.
+data_preparation = ('download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from '
+                    'https://www.cityscapes-dataset.com into data/cityscapes, then run '
+                    '`python tools/prepare_cityscapes.py data/cityscapes` (README "Data preparation")')
 crop_size = (1024, 1024)
 # Validation keeps the short side at the crop size (2048x1024 = the original frame here); the
 # model's sliding window covers the long side (2 windows at 1024).
 test_scale = (2048, 1024)
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations'),
+    dict(type='LoadImageFromFileChecked'),
+    dict(type='LoadAnnotationsChecked'),
     # Reference scale jitter (torchvision ScaleJitter(target_size=crop, scale_range=(0.5, 2))):
     # fit the frame into crop_size * s, s ~ U(0.5, 2). mmcv's RandomResize with
     # scale=crop_size and keep_ratio=True computes the same factor, min(crop*s/h, crop*s/w),
@@ -30,10 +34,10 @@ train_pipeline = [
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFileChecked'),
     dict(type='Resize', scale=test_scale, keep_ratio=True),
     # Labels are loaded after the resize so that metrics are computed at full resolution.
-    dict(type='LoadAnnotations'),
+    dict(type='LoadAnnotationsChecked'),
     dict(type='PackSegInputs'),
 ]
 

@@ -3,12 +3,15 @@
 # 128x256, plus a 12-image anomaly split). Not real data: it only shows that the pipeline works.
 dataset_type = 'CityscapesDataset'  # reads the layout as it is (suffixes are Cityscapes')
 data_root = 'data/demo'
+# Quoted by tools/train.py / test.py when the data folder is missing.
+data_preparation = ('render it with `python tools/make_demo_data.py` (writes data/demo in a few '
+                    'seconds; `--out DIR` for another folder)')
 crop_size = (128, 128)
 img_scale = (256, 128)  # (w, h) of the generated frames
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations'),
+    dict(type='LoadImageFromFileChecked'),
+    dict(type='LoadAnnotationsChecked'),
     # The reference recipe's jitter, (0.5, 2.0) around a crop-sized fit, would shrink these small
     # frames to 64x128; a milder jitter around the native size lets a tiny model learn in a few
     # hundred CPU iterations.
@@ -19,9 +22,9 @@ train_pipeline = [
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFileChecked'),
     dict(type='Resize', scale=img_scale, keep_ratio=True),
-    dict(type='LoadAnnotations'),
+    dict(type='LoadAnnotationsChecked'),
     dict(type='PackSegInputs'),
 ]
 
