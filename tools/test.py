@@ -29,6 +29,7 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import FlexibleRunner, Runner  # noqa: E402
 
 import eomt_mm  # noqa: E402,F401  (registers modules, safe checkpoint loading)
+from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
 
 
@@ -151,6 +152,9 @@ def build_runner(cfg: Config):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = build_cfg(args)
+    # A missing data folder stops here with the folder and how to get it
+    # (see eomt_mm/engine/data_check.py for why this is not left to mmseg).
+    check_data_folders(cfg, ['test_dataloader'])
     prepare_cpu_distributed(cfg, args.launcher)
     runner = build_runner(cfg)
     return runner.test()

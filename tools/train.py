@@ -46,7 +46,9 @@ from mmengine.runner import FlexibleRunner, Runner  # noqa: E402
 import eomt_mm  # noqa: E402,F401  (registers modules, safe checkpoint loading)
 from eomt_mm.engine.amp import (AMP_DTYPES, enable_amp,  # noqa: E402
                                 fall_back_to_fp32_on_cpu)
+from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
+from eomt_mm.engine.hooks import add_rng_state_hook  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,6 +119,10 @@ def build_cfg(args: argparse.Namespace) -> Config:
         enable_amp(cfg, args.amp)
     fall_back_to_fp32_on_cpu(cfg)
 
+    # mmengine does not checkpoint torch's RNG; without this hook a resumed
+    # run draws other dropout masks than an uninterrupted one.
+    add_rng_state_hook(cfg)
+
     if args.resume == 'auto':
         cfg.resume = True
     elif args.resume is not None:
@@ -141,6 +147,13 @@ def build_runner(cfg: Config):
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = build_cfg(args)
+    # Before the Runner exists: a missing data folder then stops with the
+    # folder and the way to get it, not an os.scandir error from inside
+    # mmseg's dataset, and nothing is written to the work dir.
+    loaders = ['train_dataloader']
+    if cfg.get('val_cfg') is not None:
+        loaders.append('val_dataloader')
+    check_data_folders(cfg, loaders)
     prepare_cpu_distributed(cfg, args.launcher)
     runner = build_runner(cfg)
     runner.train()

@@ -48,8 +48,8 @@ model = dict(
         trainable_norms=False))
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations'),
+    dict(type='LoadImageFromFileChecked'),
+    dict(type='LoadAnnotationsChecked'),
     # Before any geometric transform, so the object is scaled, cropped and flipped with the
     # frame (scale_range is relative to the frame's short side at full resolution).
     dict(type='PasteOutliers',

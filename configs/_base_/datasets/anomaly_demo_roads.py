@@ -5,8 +5,8 @@ dataset_type = 'AnomalyFolderDataset'
 data_root = 'data/demo/anomaly'
 
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations'),
+    dict(type='LoadImageFromFileChecked'),
+    dict(type='LoadAnnotationsChecked'),
     dict(type='RemapAnomalyLabels'),  # checks that only 0 / 1 / 255 occur
     dict(type='PackSegInputs'),
 ]

@@ -4,11 +4,11 @@ dataset_type = 'LostAndFoundDataset'
 data_root = 'data/anomaly/LostAndFound'
 
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFileChecked'),
     # Same short-side-1024 resize as mmseg's Cityscapes test pipeline; the model's predict
     # brings the scores back to the original (label) resolution.
     dict(type='Resize', scale=(2048, 1024), keep_ratio=True),
-    dict(type='LoadAnnotations'),
+    dict(type='LoadAnnotationsChecked'),
     # Raw label ids -> 0 inlier / 1 anomaly / 255 void (the dataset provides the table).
     dict(type='RemapAnomalyLabels'),
     dict(type='PackSegInputs'),

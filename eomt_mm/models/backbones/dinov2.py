@@ -20,6 +20,7 @@ patch kernel or position grid differs from the module resamples them (logged); a
 layer-count mismatch raises ``ValueError`` instead of being skipped with a warning.
 """
 import math
+import os
 import re
 from typing import Optional, Sequence, Tuple
 
@@ -205,13 +206,37 @@ class DINOv2(VisionTransformer):
         return 1 + self.num_register_tokens
 
     def init_weights(self) -> None:
-        """Random init like DINOv2 unless a pretrained checkpoint is configured."""
+        """Random init like DINOv2 unless a pretrained checkpoint is configured.
+
+        Raises:
+            FileNotFoundError: If ``init_cfg`` names a local Pretrained file that does not
+                exist; the message says how to get and convert DINOv2 weights.
+        """
+        self._check_pretrained_file()
         super().init_weights()
         if not (isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'):
             nn.init.normal_(self.cls_token, std=1e-6)
             if self.register_tokens is not None:
                 nn.init.normal_(self.register_tokens, std=1e-6)
             trunc_normal_(self.pos_embed, std=0.02)
+
+    def _check_pretrained_file(self) -> None:
+        # mmengine would only say "Checkpoint file ... does not exist" from deep inside
+        # init_weights; the fix (download Meta's weights, convert them) is specific to this class.
+        if not (isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'):
+            return
+        path = self.init_cfg.get('checkpoint')
+        if not isinstance(path, str) or '://' in path or os.path.isfile(os.path.expanduser(path)):
+            return
+        size = {384: 's', 768: 'b', 1024: 'l', 1536: 'g'}.get(self.embed_dims, 'b')
+        reg = '_reg4' if self.num_register_tokens else ''
+        raise FileNotFoundError(
+            f'Pretrained DINOv2 checkpoint {path!r} (model.backbone.init_cfg.checkpoint) does not '
+            f"exist. Get Meta's DINOv2 weights (https://github.com/facebookresearch/dinov2, e.g. "
+            f'dinov2_vit{size}14{reg}_pretrain.pth) and convert them once: `python '
+            f'tools/convert_weights.py dinov2_vit{size}14{reg}_pretrain.pth {path} --format '
+            f'meta-dinov2 --patch-size {self.patch_size}` (README "Pretrained weights"); or set '
+            f'model.backbone.init_cfg=None to train from a random initialisation.')
 
     def resized_pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
         """Position embedding for a patch grid ``hw``: ``[1, h*w, C]`` (patch tokens only)."""
