@@ -1,24 +1,6 @@
 # SegmentMeIfYouCan RoadObstacle21 validation (30 images; folder name RoadObsticle21 as distributed).
-# Evaluation only; anomaly scores are compared at label resolution, pooled over the dataset.
-dataset_type = 'RoadObstacle21Dataset'
-data_root = 'data/anomaly/RoadObsticle21'
-
-test_pipeline = [
-    dict(type='LoadImageFromFileChecked'),
-    # Same short-side-1024 resize as mmseg's Cityscapes test pipeline; the model's predict
-    # brings the scores back to the original (label) resolution.
-    dict(type='Resize', scale=(2048, 1024), keep_ratio=True),
-    dict(type='LoadAnnotationsChecked'),
-    # Raw label ids -> 0 inlier / 1 anomaly / 255 void (the dataset provides the table).
-    dict(type='RemapAnomalyLabels'),
-    dict(type='PackSegInputs'),
-]
+_base_ = ['./common_anomaly_benchmark.py']
 test_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(type=dataset_type, data_root=data_root, pipeline=test_pipeline))
-# The model's test_cfg must request the same scores: anomaly_scores=['msp', 'maxlogit', 'rba'].
-test_evaluator = dict(
-    type='AnomalyMetric', score_names=['msp', 'maxlogit', 'rba'], track='obstacle')
+    dataset=dict(type='RoadObstacle21Dataset',
+                 data_root='data/anomaly/RoadObsticle21'))
+test_evaluator = dict(track='obstacle')

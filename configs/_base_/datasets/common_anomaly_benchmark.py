@@ -1,0 +1,22 @@
+# Shared by the anomaly benchmark configs (anomaly_<name>.py), which only name their dataset
+# class, folder and SegmentMeIfYouCan track. Evaluation only: anomaly scores are compared at
+# label resolution and pooled over the whole dataset.
+test_pipeline = [
+    dict(type='LoadImageFromFileChecked'),
+    # Same short-side-1024 resize as mmseg's Cityscapes test pipeline; the model's predict
+    # brings the scores back to the original (label) resolution.
+    dict(type='Resize', scale=(2048, 1024), keep_ratio=True),
+    dict(type='LoadAnnotationsChecked'),
+    # Raw label ids -> 0 inlier / 1 anomaly / 255 void (the dataset provides the table).
+    dict(type='RemapAnomalyLabels'),
+    dict(type='PackSegInputs'),
+]
+test_dataloader = dict(
+    batch_size=1,
+    num_workers=2,
+    persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(pipeline=test_pipeline))
+# The model's test_cfg must request the same scores (tools/eval_anomaly.py sets both).
+test_evaluator = dict(
+    type='AnomalyMetric', score_names=['msp', 'maxlogit', 'rba'], track='anomaly')
