@@ -25,12 +25,11 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import FlexibleRunner, Runner  # noqa: E402
 
 import eomt_mm  # noqa: E402,F401  (registers modules, safe checkpoint loading)
 from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
+from eomt_mm.engine.runner import build_runner  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,16 +136,6 @@ def build_cfg(args: argparse.Namespace) -> Config:
         for evaluator in evaluators:
             evaluator['output_dir'] = args.out
     return cfg
-
-
-def build_runner(cfg: Config):
-    """Build ``Runner``, ``FlexibleRunner`` (cfg has ``strategy``) or the
-    config's ``runner_type``."""
-    if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    if cfg.get('strategy') is not None:
-        return FlexibleRunner.from_cfg(cfg)
-    return Runner.from_cfg(cfg)
 
 
 def main(argv=None) -> dict:
