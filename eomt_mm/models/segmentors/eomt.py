@@ -21,7 +21,7 @@ outlier exposure: ``outlier_loss`` (e.g. RbA) on pixels that ``PasteOutliers`` l
 ``outlier_label``.
 """
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from mmseg.models.segmentors.base import BaseSegmentor
 from mmseg.registry import MODELS
 from mmseg.utils import OptConfigType, OptMultiConfig, SampleList
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 PredList = Tuple[List[Tensor], List[Tensor]]
 
@@ -79,6 +80,18 @@ class EoMT(BaseSegmentor):
         outlier_label: ``gt_sem_seg`` value of pasted outlier pixels (the ``paste_label`` of
             :class:`eomt_mm.datasets.transforms.PasteOutliers`). Only read when
             ``outlier_loss`` is set; those pixels are then ignored by the closed-set set loss.
+        checkpoint_blocks: Non-reentrant activation checkpointing of leading backbone blocks
+            during training (``torch.utils.checkpoint.checkpoint(use_reentrant=False)``): an
+            int ``n`` = the first ``n`` blocks (0, the default, = off; at most the backbone
+            depth), or ``'frozen'`` = every block before the first query block. A checkpointed
+            block keeps only its input for backward and recomputes the rest, trading about one
+            extra block forward for its activations. Never used at inference or when autograd
+            is off. Non-reentrant because reentrant checkpointing gives the LoRA matrices of a
+            frozen base no gradients; the default RNG state is restored for the recomputation,
+            so LoRA dropout redraws the same masks and gradients equal the plain run's.
+            (No checkpointing is needed to save memory where nothing upstream trains: when
+            the patch embedding and the leading blocks are all frozen and carry no LoRA, no
+            tensor there requires grad and autograd records no graph for them at all.)
         init_cfg: mmengine init config.
     """
 
@@ -91,6 +104,7 @@ class EoMT(BaseSegmentor):
                  lora_config: Optional[dict] = None,
                  outlier_loss: Optional[dict] = None,
                  outlier_label: int = 254,
+                 checkpoint_blocks: Union[int, str] = 0,
                  init_cfg: OptMultiConfig = None) -> None:
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.backbone = MODELS.build(backbone)
@@ -111,6 +125,7 @@ class EoMT(BaseSegmentor):
                 f'EoMT: decoder num_blocks={self.decoder.num_blocks} is larger than the '
                 f'backbone depth ({self.backbone.num_layers} layers); queries must enter before '
                 f'one of the existing blocks')
+        self.checkpoint_blocks = self._resolve_checkpoint_blocks(checkpoint_blocks)
         self.train_cfg = train_cfg
         self.test_cfg = dict(test_cfg or dict(mode='whole'))
         self._check_test_cfg(self.test_cfg)
@@ -133,6 +148,24 @@ class EoMT(BaseSegmentor):
             # Imported here: the LoRA package imports model code, not the other way round.
             from eomt_mm.lora import apply_lora
             apply_lora(self, lora_config)
+
+    def _resolve_checkpoint_blocks(self, value: Union[int, str]) -> int:
+        """Number of leading blocks to checkpoint from the ``checkpoint_blocks`` argument."""
+        depth = self.backbone.num_layers
+        if value == 'frozen':
+            return depth - self.decoder.num_blocks
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= depth:
+            raise ValueError(f"EoMT checkpoint_blocks must be 'frozen' or an int in "
+                             f'[0, {depth}] (the backbone depth), got {value!r}')
+        return value
+
+    def _block(self, index: int, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        """``backbone.forward_block``, checkpointed for the first ``checkpoint_blocks`` blocks
+        while training with autograd on."""
+        if (index < self.checkpoint_blocks and self.training and torch.is_grad_enabled()):
+            return checkpoint(self.backbone.forward_block, index, x, attn_mask,
+                              use_reentrant=False)
+        return self.backbone.forward_block(index, x, attn_mask)
 
     def _check_outlier_labels(self) -> None:
         """The pasted-outlier label must be distinguishable from classes and ignore."""
@@ -213,7 +246,7 @@ class EoMT(BaseSegmentor):
         x, grid = backbone.embed(inputs)
         first_query_block = num_layers - num_blocks
         for i in range(first_query_block):
-            x = backbone.forward_block(i, x)
+            x = self._block(i, x)
         x = torch.cat([decoder.q.weight[None].expand(x.shape[0], -1, -1), x], dim=1)
         mask_logits_per_layer, class_logits_per_layer = [], []
         for j in range(num_blocks):
@@ -224,7 +257,7 @@ class EoMT(BaseSegmentor):
                 mask_logits_per_layer.append(mask_logits)
                 class_logits_per_layer.append(class_logits)
                 attn_mask = decoder.build_attn_mask(mask_logits, grid, num_prefix, j)
-            x = backbone.forward_block(first_query_block + j, x, attn_mask)
+            x = self._block(first_query_block + j, x, attn_mask)
         mask_logits, class_logits = decoder.predict(backbone.final_norm(x), grid, num_prefix)
         mask_logits_per_layer.append(mask_logits)
         class_logits_per_layer.append(class_logits)
@@ -266,7 +299,7 @@ class EoMT(BaseSegmentor):
         for i in range(backbone.num_layers):
             if i == first_query_block:
                 x = torch.cat([decoder.q.weight[None].expand(x.shape[0], -1, -1), x], dim=1)
-            x = backbone.forward_block(i, x)
+            x = self._block(i, x)
         return [backbone.final_norm(x)]
 
     def _dense_outputs(self, inputs: Tensor, with_anomaly: bool) -> Dict[str, Tensor]:
