@@ -30,6 +30,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_stats import cpu_name  # noqa: E402
+
 
 def _rss_kib(field: str) -> int:
     with open('/proc/self/status') as f:
@@ -78,17 +81,6 @@ def _worker(method: str, data_dir: str) -> dict:
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--pixels', type=int, default=50_000_000)
@@ -126,7 +118,7 @@ def main() -> None:
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     ours, ref = results['ours'], results['sklearn']
-    print(f'CPU: {_cpu_name()} ({os.cpu_count()} logical cores), numpy {np.__version__}, '
+    print(f'CPU: {cpu_name()} ({os.cpu_count()} logical cores), numpy {np.__version__}, '
           f'python {platform.python_version()}')
     print(f'pixels: {args.pixels:,} ({args.pos_rate:.0%} anomaly, {distinct:,} distinct float32 '
           f'scores), input {ours["input_mib"]:.0f} MiB')

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
+import os
 import statistics
 import sys
 import time
@@ -35,21 +35,13 @@ import torch.nn as nn
 
 from eomt_mm.lora.layer import LoRALinear
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_stats import cpu_name  # noqa: E402
+
 ARCH_DIMS = {'ViT-B': 768, 'ViT-L': 1024}
 # Output width of each ViT linear layer as a multiple of d (input width is d, or 4d
 # for fc2).
 LAYER_SHAPES = {'proj': (1, 1), 'qkv': (1, 3), 'fc1': (1, 4), 'fc2': (4, 1)}
-
-
-def cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
 
 
 def _peft_linear(base: nn.Linear, rank: int, alpha: float, dropout: float) -> nn.Module:
