@@ -74,3 +74,64 @@ def test_rss_and_formatting():
                                   '| long | 2  |']
     with pytest.raises(ValueError, match='one cell per header'):
         bench_stats.format_table(['a'], [[1, 2]])
+
+
+def _bench_models():
+    path = os.path.join(os.path.dirname(_PATH), 'bench_models.py')
+    spec = importlib.util.spec_from_file_location('bench_models', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_variants_train_what_their_names_say():
+    """Each training-step variant builds the model it claims (a narrow 12-block ViT)."""
+    bench_models = _bench_models()
+    arch = dict(embed_dims=32, num_layers=12, num_heads=2, feedforward_channels=64)
+    trainable = {}
+    for name in bench_models.VARIANTS:
+        model = bench_models.build_eomt_b(32, name, backbone_arch=arch)
+        assert model.training
+        trainable[name] = {n for n, p in model.named_parameters() if p.requires_grad}
+        lora = {n for n in trainable[name] if 'lora_' in n}
+        backbone = {n for n in trainable[name] if n.startswith('backbone.')} - lora
+        decoder = {n for n in trainable[name] if n.startswith('decoder.')}
+        ckpt = (model.checkpoint_blocks, model.checkpoint_decoder)
+        if name == 'full':
+            assert trainable[name] == {n for n, _ in model.named_parameters()} and not lora
+        elif name == 'heads':
+            assert not lora and not backbone and 'decoder.q.weight' in decoder
+        elif name == 'lora_task':
+            # A task adapter: LoRA and norms only, the trained decoder is frozen too.
+            assert lora and all(('.ln' in n or 'norm' in n) for n in backbone | decoder)
+            assert 'decoder.q.weight' not in decoder and decoder
+        else:
+            assert lora and all(('.ln' in n or 'norm' in n) for n in backbone)
+            assert 'decoder.class_head.weight' in decoder
+        assert ckpt == {'lora_ckpt': (9, False), 'lora_ckdec': (0, True),
+                        'lora_ckpt_ckdec': (9, True), 'lora_ckall': (12, True)}.get(
+                            name, (0, False)), name
+    assert trainable['lora_p0'] == trainable['lora']
+
+
+def test_run_all_suite_runs_existing_scripts_with_known_variants():
+    path = os.path.join(os.path.dirname(_PATH), 'run_all.py')
+    spec = importlib.util.spec_from_file_location('run_all', path)
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    variants = set(_bench_models().VARIANTS)
+    for quick in (True, False):
+        suite = run_all.suite(quick, out='results')
+        scripts = [cmd[0] for _, cmd in suite]
+        assert {'train_step.py', 'inference.py', 'adapter_swap.py', 'lora_layer.py',
+                'anomaly_metric.py'} <= set(scripts)
+        for _, cmd in suite:
+            assert os.path.isfile(os.path.join(os.path.dirname(_PATH), cmd[0])), cmd
+            if '--variants' in cmd:
+                start = cmd.index('--variants') + 1
+                names = []
+                for token in cmd[start:]:
+                    if token.startswith('--'):
+                        break
+                    names.append(token)
+                assert names and set(names) <= variants, names

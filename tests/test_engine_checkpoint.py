@@ -333,6 +333,34 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert mode == 0o666 & ~umask
 
 
+def test_last_checkpoint_record_is_written_atomically(tmp_path, monkeypatch):
+    """mmengine's CheckpointHook writes ``last_checkpoint`` with ``open(path, 'w')``; a kill
+    between the truncation and the write used to leave it empty (``--resume`` then failed)."""
+    import inspect
+
+    from mmengine.hooks import CheckpointHook, checkpoint_hook
+    assert "open(save_file, 'w')" in inspect.getsource(
+        CheckpointHook._save_checkpoint_with_step)
+    record = tmp_path / 'last_checkpoint'
+    with checkpoint_hook.open(str(record), 'w') as f:
+        f.write('/work/iter_5.pth')
+    assert record.read_text() == '/work/iter_5.pth'
+
+    def killed(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, 'fsync', killed)
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint_hook.open(str(record), 'w') as f:
+            f.write('/work/iter_10.pth')
+    monkeypatch.undo()
+    assert record.read_text() == '/work/iter_5.pth'
+    assert [p.name for p in tmp_path.iterdir()] == ['last_checkpoint']
+    # Reads (and binary modes) are the builtin open.
+    with checkpoint_hook.open(str(record)) as f:
+        assert f.read() == '/work/iter_5.pth'
+
+
 def test_allow_list_is_scoped_and_keeps_user_globals(uninterrupted):
     ckpt = str(uninterrupted['work_dir'] / f'iter_{MAX_ITERS}.pth')
     before = torch.serialization.get_safe_globals()

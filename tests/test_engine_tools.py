@@ -151,3 +151,53 @@ def test_cpu_distributed_preparation_errors(monkeypatch):
     fsdp = Config(dict(strategy=dict(type='FSDPStrategy')))
     with pytest.raises(ValueError, match='FSDPStrategy.*needs GPUs'):
         prepare_cpu_distributed(fsdp, 'pytorch')
+
+
+def test_resume_survives_an_empty_or_stale_last_checkpoint_record(tiny, tmp_path):
+    pick = tiny['train'].checkpoint_behind_broken_record
+    assert pick(str(tmp_path)) is None  # no record: mmengine starts from scratch
+    record = tmp_path / 'last_checkpoint'
+    record.write_text('')
+    with pytest.raises(FileNotFoundError, match='last_checkpoint is empty.*no iter_'):
+        pick(str(tmp_path))
+    for name in ('iter_2.pth', 'iter_10.pth', 'iter_9.pth', 'best_mIoU_iter_12.pth'):
+        (tmp_path / name).write_bytes(b'x')
+    # Numeric order, not string order; best_* files are not training checkpoints.
+    assert pick(str(tmp_path)) == str(tmp_path / 'iter_10.pth')
+    record.write_text(str(tmp_path / 'iter_11.pth'))
+    assert pick(str(tmp_path)) == str(tmp_path / 'iter_10.pth')
+    record.write_text(str(tmp_path / 'iter_9.pth') + '\n')
+    assert pick(str(tmp_path)) is None  # a usable record is mmengine's business
+    # The fallback reaches the runner's config.
+    record.write_text('')
+    args = tiny['train'].parse_args([str(tiny['cfg']), '--work-dir', str(tmp_path),
+                                     '--resume'])
+    cfg = tiny['train'].build_cfg(args)
+    assert cfg.resume is True and cfg.load_from == str(tmp_path / 'iter_10.pth')
+
+
+def test_single_kept_checkpoint_is_warned_about():
+    from mmengine.logging import MMLogger
+
+    from eomt_mm.engine.runner import warn_single_kept_checkpoint
+    logger = MMLogger.get_current_instance()
+    records = []
+
+    class Keep(__import__('logging').Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        one = Config(dict(default_hooks=dict(checkpoint=dict(type='CheckpointHook',
+                                                             max_keep_ckpts=1))))
+        assert warn_single_kept_checkpoint(one)
+        assert any('max_keep_ckpts=1' in m and 'keep 2 or more' in m for m in records)
+        for keep in (2, -1):
+            cfg = Config(dict(default_hooks=dict(checkpoint=dict(type='CheckpointHook',
+                                                                 max_keep_ckpts=keep))))
+            assert not warn_single_kept_checkpoint(cfg)
+        assert not warn_single_kept_checkpoint(Config(dict()))
+    finally:
+        logger.removeHandler(handler)

@@ -1,4 +1,5 @@
-"""EoMT ``checkpoint_blocks``: non-reentrant activation checkpointing of leading backbone blocks.
+"""EoMT ``checkpoint_blocks`` / ``checkpoint_decoder``: non-reentrant activation checkpointing
+of leading backbone blocks and of the decoder's predictions.
 
 Checkpointing must change memory only: loss, every trainable gradient (LoRA with dropout
 included) and inference outputs equal the plain run's.
@@ -18,7 +19,7 @@ LORA = dict(enabled=True, rank=4, lora_alpha=8, lora_dropout=0.1,
             target_modules=['qkv', 'proj', 'fc1', 'fc2'], freeze_base_model=True)
 
 
-def build(checkpoint_blocks=0, lora_config=LORA):
+def build(checkpoint_blocks=0, lora_config=LORA, checkpoint_decoder=False):
     cfg = dict(
         type='EoMT',
         backbone=dict(
@@ -29,7 +30,8 @@ def build(checkpoint_blocks=0, lora_config=LORA):
         decoder=dict(type='EoMTDecoder', num_classes=CLASSES, num_queries=QUERIES,
                      num_blocks=L2, num_points=64),
         lora_config=lora_config,
-        checkpoint_blocks=checkpoint_blocks)
+        checkpoint_blocks=checkpoint_blocks,
+        checkpoint_decoder=checkpoint_decoder)
     model = MODELS.build(cfg)
     # Same healthy-scale weights in every build (LoRA B included, so the adapters matter).
     gen = torch.Generator().manual_seed(3)
@@ -66,10 +68,11 @@ def loss_and_grads(model, seed=7):
     return total.detach(), grads
 
 
-@pytest.mark.parametrize('blocks', [DEPTH - L2, 'frozen', DEPTH])
-def test_checkpointing_keeps_loss_and_every_gradient(blocks):
+@pytest.mark.parametrize('blocks,decoder', [(DEPTH - L2, False), ('frozen', False),
+                                            (DEPTH, False), (0, True), ('frozen', True)])
+def test_checkpointing_keeps_loss_and_every_gradient(blocks, decoder):
     plain_loss, plain = loss_and_grads(build(0))
-    ckpt_model = build(blocks)
+    ckpt_model = build(blocks, checkpoint_decoder=decoder)
     assert ckpt_model.checkpoint_blocks == (DEPTH - L2 if blocks == 'frozen' else blocks)
     ckpt_loss, ckpt = loss_and_grads(ckpt_model)
     torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=1e-6)
@@ -106,7 +109,12 @@ def test_checkpointing_saves_fewer_activations():
             model.run_network(imgs, masked_attn=True)
         return total[0]
 
-    assert saved_bytes(build(DEPTH - L2)) < 0.8 * saved_bytes(build(0))
+    plain = saved_bytes(build(0))
+    assert saved_bytes(build(DEPTH - L2)) < 0.8 * plain
+    # The decoder's upscaler maps (full width, 1/4 resolution, once per prediction) go too.
+    decoder_only = saved_bytes(build(0, checkpoint_decoder=True))
+    assert decoder_only < 0.8 * plain
+    assert saved_bytes(build(DEPTH - L2, checkpoint_decoder=True)) < 0.8 * decoder_only
 
 
 def test_inference_is_identical_and_never_checkpointed(monkeypatch):
@@ -136,6 +144,16 @@ def test_inference_is_identical_and_never_checkpointed(monkeypatch):
     with torch.no_grad():
         ckpt.run_network(imgs, masked_attn=True)
     assert calls == []
+    # checkpoint_decoder: every prediction (L2 intermediate + the final one) is checkpointed.
+    dec = build(0, checkpoint_decoder=True).train()
+    dec.run_network(imgs, masked_attn=True)
+    assert calls == [False] * (L2 + 1)
+    calls.clear()
+    dec.eval()
+    out_dec = dec.forward_logits(imgs)
+    assert calls == []
+    for a, b in zip(out_plain, out_dec):
+        assert torch.equal(a, b)
 
 
 def test_frozen_leading_blocks_build_no_graph():
@@ -163,6 +181,13 @@ def test_bad_checkpoint_blocks_is_a_clear_error(bad):
         build(bad)
 
 
+@pytest.mark.parametrize('bad', [1, 'yes', None])
+def test_bad_checkpoint_decoder_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match='checkpoint_decoder must be True or False'):
+        build(0, checkpoint_decoder=bad)
+
+
 def test_option_is_documented():
     doc = EoMT.__doc__
     assert 'checkpoint_blocks' in doc and 'use_reentrant=False' in doc and "'frozen'" in doc
+    assert 'checkpoint_decoder' in doc

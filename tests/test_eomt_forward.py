@@ -559,3 +559,26 @@ def test_anomaly_scores_stay_float32_under_autocast():
         got = out.anomaly_scores.get(name)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_strided_layer_norm_2d_equals_mmpretrain_without_the_copy():
+    from mmpretrain.models.utils import LayerNorm2d
+
+    from eomt_mm.models.decode_heads.eomt_decoder import StridedLayerNorm2d
+    torch.manual_seed(0)
+    ours, ref = StridedLayerNorm2d(6, eps=1e-6), LayerNorm2d(6, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    out, expected = ours(x), ref(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # A channel-last view, no NCHW copy.
+    assert not out.is_contiguous() and out.permute(0, 2, 3, 1).is_contiguous()
+    grads = torch.autograd.grad((out * expected.detach()).sum(), [x, ours.weight])
+    grads_ref = torch.autograd.grad((ref(x) * expected.detach()).sum(), [x, ref.weight])
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r'\[B, C, H, W\]'):
+        ours(torch.randn(2, 6, 5))

@@ -29,9 +29,12 @@ do not fit one GPU); otherwise ``Runner`` is used.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import os.path as osp
+import re
 import sys
+from typing import Optional
 
 # Running ``python tools/train.py`` puts tools/ on sys.path, not the repo
 # root; make the checkout's package importable without an install.
@@ -40,6 +43,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
 
 import eomt_mm  # noqa: E402,F401  (registers modules, safe checkpoint loading)
 from eomt_mm.engine.amp import (AMP_DTYPES, enable_amp,  # noqa: E402
@@ -124,6 +128,9 @@ def build_cfg(args: argparse.Namespace) -> Config:
 
     if args.resume == 'auto':
         cfg.resume = True
+        fallback = checkpoint_behind_broken_record(cfg.work_dir)
+        if fallback is not None:
+            cfg.load_from = fallback
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             raise FileNotFoundError(
@@ -131,6 +138,47 @@ def build_cfg(args: argparse.Namespace) -> Config:
         cfg.resume = True
         cfg.load_from = args.resume
     return cfg
+
+
+def checkpoint_behind_broken_record(work_dir: str) -> Optional[str]:
+    """The checkpoint to resume from when ``work_dir/last_checkpoint`` is unusable.
+
+    mmengine resumes from the path recorded in ``last_checkpoint``; a record left empty by a
+    run killed while writing it (mmengine before this project made that write atomic) or
+    naming a deleted file stops ``--resume`` with "Checkpoint file '' does not exist". Then the
+    newest ``iter_*.pth`` / ``epoch_*.pth`` of the work dir is used instead, with a warning.
+
+    Args:
+        work_dir: The run's work dir.
+
+    Returns:
+        None when the record is absent (mmengine starts from scratch) or usable; else the
+        newest checkpoint's path.
+
+    Raises:
+        FileNotFoundError: If the record is unusable and the work dir holds no checkpoint.
+    """
+    record = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(record):
+        return None
+    with open(record) as f:
+        recorded = f.read().strip()
+    if recorded and osp.isfile(recorded):
+        return None
+    found = []
+    for name in os.listdir(work_dir):
+        match = re.fullmatch(r'(iter|epoch)_(\d+)\.pth', name)
+        if match:
+            found.append((int(match.group(2)), osp.join(work_dir, name)))
+    problem = ('is empty' if not recorded else f'names {recorded!r}, which does not exist')
+    if not found:
+        raise FileNotFoundError(
+            f'--resume: {record} {problem} and {work_dir} holds no iter_*.pth / epoch_*.pth '
+            'checkpoint; pass --resume PATH, or remove that file to start from scratch.')
+    newest = max(found)[1]
+    print_log(f'--resume: {record} {problem}; resuming from the newest checkpoint in the work '
+              f'dir, {newest}', logger='current', level=logging.WARNING)
+    return newest
 
 
 def main(argv=None) -> None:

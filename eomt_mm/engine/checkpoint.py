@@ -22,20 +22,25 @@ Why this module exists:
   mechanism whose ``put``/``put_text`` write a temporary file in the same
   directory and ``os.replace`` it over the target, so a checkpoint file is
   either the old complete one or the new complete one.
+* ``CheckpointHook`` then records the file's name in ``work_dir/last_checkpoint``
+  with a plain ``open(..., 'w')``; that write is made atomic the same way (see
+  :func:`_checkpoint_hook_open`).
 
 Everything is installed by :func:`install`, which runs when ``eomt_mm`` is
 imported (``eomt_mm.engine`` imports this module).
 """
 from __future__ import annotations
 
+import builtins
 import functools
+import io
 import os
 import os.path as osp
 import pickle
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -395,12 +400,42 @@ class AtomicLocalBackend(LocalBackend):
         _atomic_write(filepath, obj.encode(encoding))
 
 
+class _AtomicTextFile(io.StringIO):
+    """Text buffer that replaces ``path`` atomically when closed without error."""
+
+    def __init__(self, path: str, encoding: Optional[str]) -> None:
+        super().__init__()
+        self._path = path
+        self._encoding = encoding or 'utf-8'
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            _atomic_write(self._path, self.getvalue().encode(self._encoding))
+        self.close()
+
+
+def _checkpoint_hook_open(file: Any, mode: str = 'r', *args: Any, **kwargs: Any) -> Any:
+    """``open`` as seen by mmengine's ``checkpoint_hook`` module.
+
+    ``CheckpointHook`` records the newest checkpoint in ``work_dir/last_checkpoint`` with a
+    plain ``open(path, 'w')``, which truncates the file before writing it: a process killed
+    in between leaves it empty, and ``--resume`` then fails with "Checkpoint file '' does not
+    exist" although every checkpoint is intact (found by ``tools/benchmark/soak.py``). Text
+    writes from that module go through :func:`_atomic_write` instead; anything else is the
+    builtin ``open``.
+    """
+    if isinstance(file, (str, Path)) and mode in ('w', 'wt'):
+        return _AtomicTextFile(str(file), kwargs.get('encoding'))
+    return builtins.open(file, mode, *args, **kwargs)
+
+
 def install() -> None:
     """Install weights-only loading and atomic saving into mmengine.
 
     Idempotent. Replaces the local-path checkpoint loader (prefix ``''``),
-    wraps mmengine's other registered loaders, and registers
-    :class:`AtomicLocalBackend` as the ``'local'`` file backend.
+    wraps mmengine's other registered loaders, registers
+    :class:`AtomicLocalBackend` as the ``'local'`` file backend, and makes
+    ``CheckpointHook``'s ``last_checkpoint`` record atomic.
     """
     for prefix, loader in list(CheckpointLoader._schemes.items()):
         if prefix == '':
@@ -411,6 +446,8 @@ def install() -> None:
         prefixes='', loader=load_from_local_weights_only, force=True)
 
     register_backend('local', AtomicLocalBackend, force=True, prefixes='')
+    from mmengine.hooks import checkpoint_hook
+    checkpoint_hook.open = _checkpoint_hook_open
     # get_file_backend(enable_singleton=True) caches instances; drop plain
     # LocalBackends created before this import so they are rebuilt as ours.
     from mmengine.fileio import io as mm_io

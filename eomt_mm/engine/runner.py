@@ -1,7 +1,34 @@
 """Choosing the runner a config asks for (shared by tools/train.py and tools/test.py)."""
+import logging
+
 from mmengine.config import Config
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import FlexibleRunner, Runner
+
+
+def warn_single_kept_checkpoint(cfg: Config) -> bool:
+    """Warn when ``CheckpointHook`` keeps a single checkpoint.
+
+    mmengine's ``CheckpointHook`` deletes the oldest kept checkpoint *before* writing the new
+    one; with ``max_keep_ckpts=1`` that is the only checkpoint, so a run killed during a save
+    is left with none to resume from (found by ``tools/benchmark/soak.py``). Writes are atomic
+    here, so with 2 or more kept the previous one always survives.
+
+    Args:
+        cfg: A complete experiment config.
+
+    Returns:
+        True when the warning was given.
+    """
+    hook = (cfg.get('default_hooks') or {}).get('checkpoint') or {}
+    if hook.get('max_keep_ckpts', -1) != 1:
+        return False
+    print_log('default_hooks.checkpoint.max_keep_ckpts=1: mmengine deletes the previous '
+              'checkpoint before writing the next one, so a run killed during a save has no '
+              'checkpoint left to resume from; keep 2 or more.', logger='current',
+              level=logging.WARNING)
+    return True
 
 
 def build_runner(cfg: Config):
@@ -14,6 +41,7 @@ def build_runner(cfg: Config):
     Returns:
         The runner, not yet started.
     """
+    warn_single_kept_checkpoint(cfg)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     if cfg.get('strategy') is not None:

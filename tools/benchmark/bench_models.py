@@ -19,7 +19,7 @@ LORA_CONFIG_FILE = os.path.join(REPO, 'configs', 'eomt_lora_b640.py')
 # Variant name -> how the model is built and what trains.
 #   lora: None (no LoRA) or overrides of the config's (seed) lora_config
 #   freeze_backbone: every backbone parameter frozen (norms included), no LoRA
-#   checkpoint_blocks: EoMT's activation-checkpointing option
+#   checkpoint_blocks / checkpoint_decoder: EoMT's activation-checkpointing options
 VARIANTS: Dict[str, dict] = {
     'full': dict(lora=None, freeze_backbone=False, checkpoint_blocks=0,
                  help='full fine-tuning, every parameter trains'),
@@ -30,18 +30,33 @@ VARIANTS: Dict[str, dict] = {
     'lora_ckpt': dict(lora={}, freeze_backbone=False, checkpoint_blocks='frozen',
                       help="seed LoRA + checkpoint_blocks='frozen' (the 9 blocks before the "
                       'queries)'),
+    'lora_ckdec': dict(lora={}, freeze_backbone=False, checkpoint_blocks=0,
+                       checkpoint_decoder=True,
+                       help='seed LoRA + checkpoint_decoder=True (upscaler and heads recomputed)'),
+    'lora_ckpt_ckdec': dict(lora={}, freeze_backbone=False, checkpoint_blocks='frozen',
+                            checkpoint_decoder=True,
+                            help="seed LoRA + checkpoint_blocks='frozen' + checkpoint_decoder"),
+    'lora_ckall': dict(lora={}, freeze_backbone=False, checkpoint_blocks=12,
+                       checkpoint_decoder=True,
+                       help='seed LoRA + all 12 blocks and the decoder checkpointed'),
+    'lora_task': dict(lora=dict(base_prefixes=['backbone', 'decoder']), freeze_backbone=False,
+                      checkpoint_blocks=0,
+                      help='seed LoRA on an already trained EoMT (a task adapter): the decoder '
+                      'is part of the frozen base too, only LoRA and norms train'),
     'heads': dict(lora=None, freeze_backbone=True, checkpoint_blocks=0,
                   help='heads only: backbone frozen, no LoRA'),
 }
 
 
-def eomt_b_config(size: int, lora: Optional[dict], checkpoint_blocks=0) -> dict:
+def eomt_b_config(size: int, lora: Optional[dict], checkpoint_blocks=0,
+                  checkpoint_decoder: bool = False) -> dict:
     """Model config of ``configs/eomt_lora_b640.py`` at ``size`` px, without pretrained init.
 
     Args:
         size: Training crop side (multiple of 16); sets the backbone's pos-embed grid.
         lora: None = no LoRA; a dict = the config's seed ``lora_config`` updated with it.
         checkpoint_blocks: EoMT ``checkpoint_blocks``.
+        checkpoint_decoder: EoMT ``checkpoint_decoder``.
     """
     from mmengine.config import Config
     if size % 16:
@@ -55,11 +70,19 @@ def eomt_b_config(size: int, lora: Optional[dict], checkpoint_blocks=0) -> dict:
         cfg['lora_config'] = {**copy.deepcopy(seed_lora), **lora}
     cfg['test_cfg'] = dict(mode='whole')
     cfg['checkpoint_blocks'] = checkpoint_blocks
+    cfg['checkpoint_decoder'] = checkpoint_decoder
     return cfg
 
 
-def build_eomt_b(size: int, variant: str) -> nn.Module:
-    """EoMT-B for one of :data:`VARIANTS`, in training mode, trainability settled."""
+def build_eomt_b(size: int, variant: str, backbone_arch: Optional[dict] = None) -> nn.Module:
+    """EoMT-B for one of :data:`VARIANTS`, in training mode, trainability settled.
+
+    Args:
+        size: Crop side (multiple of 16).
+        variant: A key of :data:`VARIANTS`.
+        backbone_arch: Replaces the backbone's ``arch`` (tests build a narrow 12-block ViT
+            with the same structure); None = ViT-B.
+    """
     from mmengine.registry import init_default_scope
     init_default_scope('mmseg')
     import eomt_mm  # noqa: F401  registers the project's models
@@ -67,7 +90,11 @@ def build_eomt_b(size: int, variant: str) -> nn.Module:
     if variant not in VARIANTS:
         raise KeyError(f'unknown variant {variant!r}; choose from {sorted(VARIANTS)}')
     spec = VARIANTS[variant]
-    model = MODELS.build(eomt_b_config(size, spec['lora'], spec['checkpoint_blocks']))
+    cfg = eomt_b_config(size, spec['lora'], spec['checkpoint_blocks'],
+                        spec.get('checkpoint_decoder', False))
+    if backbone_arch is not None:
+        cfg['backbone']['arch'] = backbone_arch
+    model = MODELS.build(cfg)
     if spec['freeze_backbone']:
         model.backbone.requires_grad_(False)
     return model.train()

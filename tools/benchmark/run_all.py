@@ -3,11 +3,17 @@
 
 Runs, each as its own process (so their memory figures stay separate), with the same Python:
 
-1. ``train_step.py``: EoMT-B training step, full FT vs LoRA vs heads only (640, batch 1 and 2;
-   ``--quick``: 320, batch 1);
-2. ``adapter_swap.py``: switching tasks with adapters vs rebuilding + full checkpoint;
-3. ``lora_layer.py``: one LoRA layer vs PEFT vs ``nn.Linear`` (``--quick`` passed through);
-4. ``anomaly_metric.py``: pooled anomaly metrics vs scikit-learn (a modest pixel count).
+1. ``train_step.py``: EoMT-B training step, full FT vs LoRA (and each memory lever) vs heads
+   only (640, batch 1 with every variant and batch 2 with the main ones; ``--quick``: 320,
+   batch 1);
+2. ``inference.py``: EoMT-B inference, no LoRA / LoRA / merged LoRA / transformers' EoMT with the
+   same weights, outputs checked to agree in the same run;
+3. ``adapter_swap.py``: switching tasks with adapters vs rebuilding + full checkpoint;
+4. ``lora_layer.py``: one LoRA layer vs PEFT vs ``nn.Linear`` (``--quick`` passed through);
+5. ``anomaly_metric.py``: pooled anomaly metrics vs scikit-learn (a modest pixel count).
+
+The reliability soak (kill / resume of a training run) is its own command,
+``tools/benchmark/soak.py``, because it takes up to 30 minutes by design.
 
 With ``--out DIR`` the scripts that write JSON put it there. The run stops at the first script
 that fails (its exit status is returned), since a broken check makes the later figures moot.
@@ -25,6 +31,9 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Training-step variants of the batch-2 and quick runs: the baseline, the seed's LoRA, LoRA with
+# both checkpointing levers, a task adapter on a trained EoMT and heads only.
+MAIN_VARIANTS = ('full', 'lora', 'lora_ckpt_ckdec', 'lora_task', 'heads')
 
 
 def suite(quick: bool, out: Optional[str],
@@ -37,18 +46,27 @@ def suite(quick: bool, out: Optional[str],
     if quick:
         train = [('training step, 320 px, batch 1',
                   ['train_step.py', '--size', '320', '--batch', '1', '--repeats', '2',
-                   '--threads', str(threads)] + json_out('train_step_320_b1.json'))]
+                   '--variants', *MAIN_VARIANTS, '--threads', str(threads)]
+                  + json_out('train_step_320_b1.json'))]
+        infer = ['inference.py', '--quick', '--threads', str(threads)]
         swap = ['adapter_swap.py', '--size', '320', '--repeats', '5']
         layer = ['lora_layer.py', '--quick']
         anomaly = ['anomaly_metric.py', '--pixels', '2000000']
     else:
-        train = [(f'training step, 640 px, batch {b}',
-                  ['train_step.py', '--size', '640', '--batch', str(b), '--repeats', '2',
-                   '--threads', str(threads)] + json_out(f'train_step_640_b{b}.json')) for b in (1, 2)]
+        train = [('training step, 640 px, batch 1, every variant',
+                  ['train_step.py', '--size', '640', '--batch', '1', '--repeats', '3', '--steps',
+                   '1', '--threads', str(threads)] + json_out('train_step_640_b1.json')),
+                 ('training step, 640 px, batch 2',
+                  ['train_step.py', '--size', '640', '--batch', '2', '--repeats', '3', '--steps',
+                   '1', '--variants', *MAIN_VARIANTS, '--threads', str(threads)]
+                  + json_out('train_step_640_b2.json'))]
+        infer = ['inference.py', '--size', '640', '--repeats', '5', '--steps', '3',
+                 '--threads', str(threads)]
         swap = ['adapter_swap.py', '--size', '640', '--repeats', '7']
         layer = ['lora_layer.py']
         anomaly = ['anomaly_metric.py', '--pixels', '20000000']
-    return train + [('adapter swap', swap + json_out('adapter_swap.json')),
+    return train + [('inference vs transformers', infer + json_out('inference.json')),
+                    ('adapter swap', swap + json_out('adapter_swap.json')),
                     ('one LoRA layer', layer), ('anomaly metric vs scikit-learn', anomaly)]
 
 

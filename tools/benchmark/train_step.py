@@ -3,8 +3,11 @@
 
 Variants (see ``bench_models.VARIANTS``): ``full`` (every parameter trains), ``lora`` (the
 seed's LoRA: rank 8 on qkv / proj / fc1 / fc2, base frozen, dropout 0.1), ``lora_p0`` (the same
-with dropout 0), ``lora_ckpt`` (LoRA + non-reentrant checkpointing of the 9 blocks before the
-queries) and ``heads`` (backbone frozen, no LoRA).
+with dropout 0), the memory levers one at a time and together: ``lora_ckpt`` (non-reentrant
+checkpointing of the 9 blocks before the queries), ``lora_ckdec`` (checkpointing of the
+decoder's predictions), ``lora_ckpt_ckdec`` (both), ``lora_ckall`` (all 12 blocks and the
+decoder); ``lora_task`` (a task adapter on an already trained EoMT: the decoder is frozen too)
+and ``heads`` (backbone frozen, no LoRA).
 
 Each variant runs in its own fresh subprocess, so the process's peak RSS (``ru_maxrss``) is that
 variant's alone; the variants alternate (rotated order) over ``--repeats`` rounds. A worker

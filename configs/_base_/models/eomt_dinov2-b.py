@@ -35,4 +35,9 @@ model = dict(
         no_object_weight=0.1),
     # Sliding windows of the crop size, short side resized to it (reference placement); the
     # experiment config sets crop_size and data_preprocessor.size to its dataset's crop.
-    test_cfg=dict(mode='slide', crop_size=640))
+    test_cfg=dict(mode='slide', crop_size=640),
+    # Activation checkpointing while training (memory for compute, same gradients):
+    # checkpoint_blocks = n leading blocks or 'frozen' (all before the queries),
+    # checkpoint_decoder = recompute the upscaler and heads of every prediction.
+    checkpoint_blocks=0,
+    checkpoint_decoder=False)

@@ -92,6 +92,14 @@ class EoMT(BaseSegmentor):
             (No checkpointing is needed to save memory where nothing upstream trains: when
             the patch embedding and the leading blocks are all frozen and carry no LoRA, no
             tensor there requires grad and autograd records no graph for them at all.)
+        checkpoint_decoder: Non-reentrant activation checkpointing of every decoder prediction
+            (upscaler, mask and class heads) during training. With masked attention the decoder
+            predicts once per query block plus once at the end (4 times for EoMT-B), and each
+            upscaler pass keeps full-width feature maps at 1/4 of the input resolution for
+            backward (about 375 MiB per pass for ViT-B at 640): at 640 those are about half
+            of the training step's activations. Checkpointing keeps only the tokens and the
+            logits and recomputes the upscaler in backward, about one ViT-B block of compute
+            per prediction. Gradients are unchanged (the decoder has no randomness).
         init_cfg: mmengine init config.
     """
 
@@ -105,6 +113,7 @@ class EoMT(BaseSegmentor):
                  outlier_loss: Optional[dict] = None,
                  outlier_label: int = 254,
                  checkpoint_blocks: Union[int, str] = 0,
+                 checkpoint_decoder: bool = False,
                  init_cfg: OptMultiConfig = None) -> None:
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.backbone = MODELS.build(backbone)
@@ -126,6 +135,10 @@ class EoMT(BaseSegmentor):
                 f'backbone depth ({self.backbone.num_layers} layers); queries must enter before '
                 f'one of the existing blocks')
         self.checkpoint_blocks = self._resolve_checkpoint_blocks(checkpoint_blocks)
+        if not isinstance(checkpoint_decoder, bool):
+            raise ValueError(f'EoMT checkpoint_decoder must be True or False, got '
+                             f'{checkpoint_decoder!r}')
+        self.checkpoint_decoder = checkpoint_decoder
         self.train_cfg = train_cfg
         self.test_cfg = dict(test_cfg or dict(mode='whole'))
         self._check_test_cfg(self.test_cfg)
@@ -166,6 +179,15 @@ class EoMT(BaseSegmentor):
             return checkpoint(self.backbone.forward_block, index, x, attn_mask,
                               use_reentrant=False)
         return self.backbone.forward_block(index, x, attn_mask)
+
+    def _predict(self, tokens: Tensor, grid: Tuple[int, int],
+                 num_prefix: int) -> Tuple[Tensor, Tensor]:
+        """``decoder.predict`` on final-normalised tokens, checkpointed when
+        ``checkpoint_decoder`` is set while training with autograd on."""
+        if self.checkpoint_decoder and self.training and torch.is_grad_enabled():
+            return checkpoint(self.decoder.predict, tokens, grid, num_prefix,
+                              use_reentrant=False)
+        return self.decoder.predict(tokens, grid, num_prefix)
 
     def _check_outlier_labels(self) -> None:
         """The pasted-outlier label must be distinguishable from classes and ignore."""
@@ -252,13 +274,13 @@ class EoMT(BaseSegmentor):
         for j in range(num_blocks):
             attn_mask = None
             if masked_attn:
-                mask_logits, class_logits = decoder.predict(backbone.final_norm(x), grid,
-                                                            num_prefix)
+                mask_logits, class_logits = self._predict(backbone.final_norm(x), grid,
+                                                          num_prefix)
                 mask_logits_per_layer.append(mask_logits)
                 class_logits_per_layer.append(class_logits)
                 attn_mask = decoder.build_attn_mask(mask_logits, grid, num_prefix, j)
             x = self._block(first_query_block + j, x, attn_mask)
-        mask_logits, class_logits = decoder.predict(backbone.final_norm(x), grid, num_prefix)
+        mask_logits, class_logits = self._predict(backbone.final_norm(x), grid, num_prefix)
         mask_logits_per_layer.append(mask_logits)
         class_logits_per_layer.append(class_logits)
         return mask_logits_per_layer, class_logits_per_layer
