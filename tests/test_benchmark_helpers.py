@@ -123,8 +123,8 @@ def test_run_all_suite_runs_existing_scripts_with_known_variants():
     for quick in (True, False):
         suite = run_all.suite(quick, out='results')
         scripts = [cmd[0] for _, cmd in suite]
-        assert {'train_step.py', 'inference.py', 'adapter_swap.py', 'lora_layer.py',
-                'anomaly_metric.py'} <= set(scripts)
+        assert {'train_step.py', 'memory_breakdown.py', 'inference.py', 'adapter_swap.py',
+                'lora_layer.py', 'anomaly_metric.py'} <= set(scripts)
         for _, cmd in suite:
             assert os.path.isfile(os.path.join(os.path.dirname(_PATH), cmd[0])), cmd
             if '--variants' in cmd:
@@ -135,3 +135,43 @@ def test_run_all_suite_runs_existing_scripts_with_known_variants():
                         break
                     names.append(token)
                 assert names and set(names) <= variants, names
+
+
+def _memory_breakdown():
+    path = os.path.join(os.path.dirname(_PATH), 'memory_breakdown.py')
+    spec = importlib.util.spec_from_file_location('memory_breakdown', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_live_tensor_tracker_counts_peak_frees_and_ignores_existing_storages():
+    tracker_cls = _memory_breakdown().LiveTensorTracker
+    weight = torch.ones(4000)
+    with tracker_cls(ignore=[weight]) as tracker:
+        a = torch.ones(1000)          # 4,000 B
+        b = torch.zeros(2000)         # 8,000 B
+        view = weight[:10].t()        # a view of an existing storage: not new memory
+        del a
+        c = torch.full((500,), 2.0)   # 2,000 B
+        assert tracker.current == 10_000
+    assert tracker.peak == 12_000
+    assert sorted(tracker.at_peak) == [(('ones', (1000,)), 4000), (('zeros', (2000,)), 8000)]
+    assert tracker.largest_at_peak(1) == [(('zeros', (2000,)), 1, 8000)]
+    del b, c, view
+
+
+def test_memory_breakdown_sees_what_decoder_checkpointing_removes():
+    breakdown = _memory_breakdown()
+    arch = dict(embed_dims=32, num_layers=12, num_heads=2, feedforward_channels=64)
+    plain = breakdown.measure(64, 'lora', backbone_arch=arch, top=50)
+    ckdec = breakdown.measure(64, 'lora_ckdec', backbone_arch=arch, top=50)
+    assert 0 < plain['after_backward'] < plain['after_forward'] <= plain['peak']
+    assert ckdec['after_forward'] < plain['after_forward']
+
+    def upscaler_maps(result):  # full-width maps at 1/4 resolution (16 x 16 for 64 px)
+        return sum(size for (op, shape), _, size in result['largest']
+                   if len(shape) == 4 and shape[1:] == (32, 16, 16))
+
+    assert upscaler_maps(plain) > 0
+    assert upscaler_maps(ckdec) < upscaler_maps(plain)

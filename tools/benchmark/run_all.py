@@ -6,6 +6,7 @@ Runs, each as its own process (so their memory figures stay separate), with the 
 1. ``train_step.py``: EoMT-B training step, full FT vs LoRA (and each memory lever) vs heads
    only (640, batch 1 with every variant and batch 2 with the main ones; ``--quick``: 320,
    batch 1);
+   and ``memory_breakdown.py``: what fills the peak of the seed LoRA's step;
 2. ``inference.py``: EoMT-B inference, no LoRA / LoRA / merged LoRA / transformers' EoMT with the
    same weights, outputs checked to agree in the same run;
 3. ``adapter_swap.py``: switching tasks with adapters vs rebuilding + full checkpoint;
@@ -18,8 +19,10 @@ The reliability soak (kill / resume of a training run) is its own command,
 With ``--out DIR`` the scripts that write JSON put it there. The run stops at the first script
 that fails (its exit status is returned), since a broken check makes the later figures moot.
 
-    python tools/benchmark/run_all.py --quick            # ~10 min on 2 cores
-    python tools/benchmark/run_all.py --out bench_results  # full suite (~1 h on 2 cores)
+    python tools/benchmark/run_all.py --quick            # 7 min on 2 busy cores (measured)
+    python tools/benchmark/run_all.py --out bench_results  # full suite (hours on 2 cores: the
+                                                         # two 640 training-step runs took
+                                                         # 58 min side by side)
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ def suite(quick: bool, out: Optional[str],
                   ['train_step.py', '--size', '320', '--batch', '1', '--repeats', '2',
                    '--variants', *MAIN_VARIANTS, '--threads', str(threads)]
                   + json_out('train_step_320_b1.json'))]
+        breakdown = ['memory_breakdown.py', '--size', '320', '--variant', 'lora']
         infer = ['inference.py', '--quick', '--threads', str(threads)]
         swap = ['adapter_swap.py', '--size', '320', '--repeats', '5']
         layer = ['lora_layer.py', '--quick']
@@ -60,12 +64,14 @@ def suite(quick: bool, out: Optional[str],
                   ['train_step.py', '--size', '640', '--batch', '2', '--repeats', '3', '--steps',
                    '1', '--variants', *MAIN_VARIANTS, '--threads', str(threads)]
                   + json_out('train_step_640_b2.json'))]
+        breakdown = ['memory_breakdown.py', '--size', '640', '--variant', 'lora']
         infer = ['inference.py', '--size', '640', '--repeats', '5', '--steps', '3',
                  '--threads', str(threads)]
         swap = ['adapter_swap.py', '--size', '640', '--repeats', '7']
         layer = ['lora_layer.py']
         anomaly = ['anomaly_metric.py', '--pixels', '20000000']
-    return train + [('inference vs transformers', infer + json_out('inference.json')),
+    return train + [('live tensors at the peak of a LoRA training step', breakdown),
+                    ('inference vs transformers', infer + json_out('inference.json')),
                     ('adapter swap', swap + json_out('adapter_swap.json')),
                     ('one LoRA layer', layer), ('anomaly metric vs scikit-learn', anomaly)]
 
