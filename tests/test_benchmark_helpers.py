@@ -76,12 +76,17 @@ def test_rss_and_formatting():
         bench_stats.format_table(['a'], [[1, 2]])
 
 
-def _bench_models():
-    path = os.path.join(os.path.dirname(_PATH), 'bench_models.py')
-    spec = importlib.util.spec_from_file_location('bench_models', path)
+def _benchmark_script(name):
+    """Import ``tools/benchmark/<name>.py`` (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(_PATH), f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_models():
+    return _benchmark_script('bench_models')
 
 
 def test_benchmark_variants_train_what_their_names_say():
@@ -115,10 +120,7 @@ def test_benchmark_variants_train_what_their_names_say():
 
 
 def test_run_all_suite_runs_existing_scripts_with_known_variants():
-    path = os.path.join(os.path.dirname(_PATH), 'run_all.py')
-    spec = importlib.util.spec_from_file_location('run_all', path)
-    run_all = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_all)
+    run_all = _benchmark_script('run_all')
     variants = set(_bench_models().VARIANTS)
     for quick in (True, False):
         suite = run_all.suite(quick, out='results')
@@ -138,11 +140,7 @@ def test_run_all_suite_runs_existing_scripts_with_known_variants():
 
 
 def _memory_breakdown():
-    path = os.path.join(os.path.dirname(_PATH), 'memory_breakdown.py')
-    spec = importlib.util.spec_from_file_location('memory_breakdown', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark_script('memory_breakdown')
 
 
 def test_live_tensor_tracker_counts_peak_frees_and_ignores_existing_storages():

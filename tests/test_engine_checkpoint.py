@@ -96,7 +96,10 @@ def _runner(work_dir, name, resume=False, load_from=None, hooks=()):
     return Runner(
         model=_TinyModel(),
         work_dir=str(work_dir),
-        experiment_name=name,
+        # mmengine keys its DefaultScope by experiment name + timestamp (to the second); a
+        # name shared with another test file's mmseg-scoped run in the same second would hand
+        # that run this file's 'mmengine' scope.
+        experiment_name=f'engine_checkpoint_{name}',
         train_dataloader=loader,
         val_dataloader=loader,
         val_evaluator=[_Accuracy()],
@@ -356,6 +359,13 @@ def test_last_checkpoint_record_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert record.read_text() == '/work/iter_5.pth'
     assert [p.name for p in tmp_path.iterdir()] == ['last_checkpoint']
+    # Without a with block, close() writes it.
+    f = checkpoint_hook.open(str(record), 'w')
+    f.write('/work/iter_15.pth')
+    assert record.read_text() == '/work/iter_5.pth'
+    f.close()
+    assert record.read_text() == '/work/iter_15.pth'
+    record.write_text('/work/iter_5.pth')
     # Reads (and binary modes) are the builtin open.
     with checkpoint_hook.open(str(record)) as f:
         assert f.read() == '/work/iter_5.pth'

@@ -401,16 +401,26 @@ class AtomicLocalBackend(LocalBackend):
 
 
 class _AtomicTextFile(io.StringIO):
-    """Text buffer that replaces ``path`` atomically when closed without error."""
+    """Text buffer that replaces ``path`` atomically when closed (not when a ``with`` block
+    that wrote it raised: then the old file stays)."""
 
     def __init__(self, path: str, encoding: Optional[str]) -> None:
         super().__init__()
         self._path = path
         self._encoding = encoding or 'utf-8'
+        self._discard = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        data = None if self._discard else self.getvalue().encode(self._encoding)
+        # Closed first: a failed write must not be retried when the buffer is collected.
+        super().close()
+        if data is not None:
+            _atomic_write(self._path, data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            _atomic_write(self._path, self.getvalue().encode(self._encoding))
+        self._discard = exc_type is not None
         self.close()
 
 
