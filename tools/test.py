@@ -29,7 +29,7 @@ from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
 import eomt_mm  # noqa: E402,F401  (registers modules, safe checkpoint loading)
 from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
-from eomt_mm.engine.runner import build_runner  # noqa: E402
+from eomt_mm.engine.runner import build_runner, load_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,16 +105,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
                        ('Checkpoint', args.checkpoint)):
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} file {path!r} does not exist.')
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
 
     cfg.load_from = args.checkpoint
     cfg.resume = False

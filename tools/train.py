@@ -50,7 +50,7 @@ from eomt_mm.engine.amp import (AMP_DTYPES, enable_amp,  # noqa: E402
                                 fall_back_to_fp32_on_cpu)
 from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
-from eomt_mm.engine.runner import build_runner  # noqa: E402
+from eomt_mm.engine.runner import build_runner, load_config  # noqa: E402
 from eomt_mm.engine.hooks import add_rng_state_hook  # noqa: E402
 
 
@@ -104,19 +104,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
     Returns:
         The config, ready for ``Runner.from_cfg``.
     """
-    if not osp.isfile(args.config):
-        raise FileNotFoundError(f'Config file {args.config!r} does not exist.')
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    # work_dir: command line > config > ./work_dirs/<config name>
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
 
     if args.amp is not None:
         enable_amp(cfg, args.amp)

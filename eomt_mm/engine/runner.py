@@ -1,10 +1,41 @@
 """Choosing the runner a config asks for (shared by tools/train.py and tools/test.py)."""
 import logging
+import os.path as osp
+from typing import Optional
 
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import FlexibleRunner, Runner
+
+
+def load_config(config: str, launcher: str, cfg_options: Optional[dict] = None,
+                work_dir: Optional[str] = None) -> Config:
+    """The config of a ``tools/train.py`` / ``tools/test.py`` run, as mmseg's tools load it.
+
+    Args:
+        config: Config file path.
+        launcher: ``none``, ``pytorch``, ``slurm`` or ``mpi``.
+        cfg_options: ``--cfg-options`` overrides, merged into the config.
+        work_dir: ``--work-dir``; otherwise the config's, else ``./work_dirs/<config name>``.
+
+    Returns:
+        The loaded config.
+
+    Raises:
+        FileNotFoundError: If ``config`` is not a file.
+    """
+    if not osp.isfile(config):
+        raise FileNotFoundError(f'Config file {config!r} does not exist.')
+    cfg = Config.fromfile(config)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    return cfg
 
 
 def warn_single_kept_checkpoint(cfg: Config) -> bool:
