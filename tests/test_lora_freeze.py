@@ -7,7 +7,7 @@ from torch import nn
 from eomt_mm.lora import (LoRALinear, apply_lora, count_parameters, freeze_base_model,
                           inject_lora)
 
-SEED_CFG = dict(enabled=True, rank=4, lora_alpha=8, lora_dropout=0.1,
+DEFAULT_CFG = dict(enabled=True, rank=4, lora_alpha=8, lora_dropout=0.1,
                 target_modules=['qkv', 'proj', 'fc1', 'fc2'], freeze_base_model=True)
 
 
@@ -82,7 +82,7 @@ def _trainable(model):
 
 # --------------------------------------------------------------------------- freezing
 def test_freeze_keeps_lora_norms_and_everything_outside_the_base():
-    model = apply_lora(ToySegmentor(), SEED_CFG)
+    model = apply_lora(ToySegmentor(), DEFAULT_CFG)
     lora = {f'backbone.blocks.{i}.{m}.{p}' for i in range(2)
             for m in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2') for p in ('lora_A', 'lora_B')}
     norms = {f'backbone.blocks.{i}.norm{j}.{p}' for i in range(2) for j in (1, 2)
@@ -90,7 +90,8 @@ def test_freeze_keeps_lora_norms_and_everything_outside_the_base():
     head = {n for n, _ in model.named_parameters() if n.startswith('decode_head.')}
     assert 'decode_head.q.weight' in head and 'decode_head.upscale.0.weight' in head
     assert _trainable(model) == lora | norms | head
-    # substring traps of the seed's fork: frozen although named '...head' / 'norm...'
+    # substring traps (a LoRA fork that matched by substring fell in): frozen although
+    # named '...head' / 'norm...'
     for name in ('backbone.head.weight', 'backbone.norm_proj.weight', 'backbone.pos_embed',
                  'backbone.patch_embed.weight', 'backbone.blocks.0.attn.qkv.weight',
                  'backbone.blocks.1.mlp.fc2.bias'):
@@ -98,7 +99,7 @@ def test_freeze_keeps_lora_norms_and_everything_outside_the_base():
 
 
 def test_frozen_parameters_get_no_gradient():
-    model = apply_lora(ToySegmentor(), SEED_CFG)
+    model = apply_lora(ToySegmentor(), DEFAULT_CFG)
     model(torch.randn(2, 3, 16, 16)).backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -145,7 +146,7 @@ def test_whole_model_as_base_and_freeze_without_lora():
 
 
 def test_count_parameters():
-    model = apply_lora(ToySegmentor(), SEED_CFG)
+    model = apply_lora(ToySegmentor(), DEFAULT_CFG)
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -178,7 +179,7 @@ def _optim_params(optim_wrapper):
 def test_mmengine_default_constructor_keeps_frozen_params():
     # Why our constructor exists: without paramwise_cfg mmengine hands every parameter,
     # frozen ones included, to the optimizer.
-    model = apply_lora(ToySegmentor(), SEED_CFG)
+    model = apply_lora(ToySegmentor(), DEFAULT_CFG)
     wrapper = _build_optim(model, constructor='DefaultOptimWrapperConstructor')
     assert any(not p.requires_grad for p in _optim_params(wrapper))
 
@@ -188,7 +189,7 @@ def test_mmengine_default_constructor_keeps_frozen_params():
     dict(custom_keys={'lora_': dict(lr_mult=10.0, decay_mult=0.0)}, norm_decay_mult=0.0),
 ])
 def test_trainable_only_constructor_step(paramwise_cfg):
-    model = apply_lora(ToySegmentor(), SEED_CFG)
+    model = apply_lora(ToySegmentor(), DEFAULT_CFG)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
                      if not p.requires_grad}
     import logging
@@ -227,7 +228,7 @@ def test_trainable_only_constructor_step(paramwise_cfg):
 
 
 def test_trainable_only_constructor_errors():
-    model = apply_lora(ToySegmentor(), SEED_CFG)
+    model = apply_lora(ToySegmentor(), DEFAULT_CFG)
     with pytest.raises(ValueError, match="base_constructor='Nope' is not a registered"):
         _build_optim(model, dict(base_constructor='Nope'))
     frozen = ToySegmentor().requires_grad_(False)
@@ -273,7 +274,7 @@ def _seg_batch():
 def test_with_lora_builds_mmseg_encoder_decoder():
     from mmseg.models import EncoderDecoder
     from mmseg.registry import MODELS
-    model = MODELS.build(_seg_cfg(SEED_CFG))
+    model = MODELS.build(_seg_cfg(DEFAULT_CFG))
     assert type(model) is EncoderDecoder  # the inner model itself, not a wrapper
     lora_names = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
     assert lora_names == sorted(f'backbone.layers.{i}.{s}' for i in range(2)
@@ -302,7 +303,7 @@ def test_with_lora_plain_checkpoint_loads_through_init_weights(tmp_path):
     assert not any(isinstance(m, LoRALinear) for m in plain.modules())
     ckpt = tmp_path / 'backbone.pth'
     torch.save(plain.backbone.state_dict(), ckpt)
-    cfg = _seg_cfg(SEED_CFG)
+    cfg = _seg_cfg(DEFAULT_CFG)
     cfg['model']['backbone']['init_cfg'] = dict(type='Pretrained', checkpoint=str(ckpt))
     adapted = MODELS.build(cfg)
     adapted.init_weights()
@@ -318,7 +319,7 @@ def test_with_lora_plain_checkpoint_loads_through_init_weights(tmp_path):
 
 def test_layer_decay_constructor_through_trainable_only():
     from mmseg.registry import MODELS
-    model = MODELS.build(_seg_cfg(SEED_CFG))
+    model = MODELS.build(_seg_cfg(DEFAULT_CFG))
     wrapper = _build_optim(
         model,
         dict(base_constructor='mmpretrain.LearningRateDecayOptimWrapperConstructor',
@@ -355,7 +356,7 @@ def test_runner_trains_with_lora_config_end_to_end(tmp_path):
                  data_samples=samples[i]) for i in range(2)]
     loader = DataLoader(data, batch_size=2, collate_fn=pseudo_collate)
     runner = Runner(
-        model=_seg_cfg(dict(SEED_CFG, lora_dropout=0.1)),
+        model=_seg_cfg(dict(DEFAULT_CFG, lora_dropout=0.1)),
         work_dir=str(tmp_path),
         train_dataloader=loader,
         train_cfg=dict(by_epoch=False, max_iters=3, val_interval=100),
@@ -387,12 +388,12 @@ def test_adapter_enabled_config_switch_gives_base_outputs_with_lora_weights_load
     """``adapter_enabled=False``: same modules and keys, adapters off -> base model outputs."""
     torch.manual_seed(0)
     base = ToySegmentor()
-    trained = apply_lora(ToySegmentor(), SEED_CFG)
+    trained = apply_lora(ToySegmentor(), DEFAULT_CFG)
     trained.load_state_dict(base.state_dict(), strict=False)
     for name, p in trained.named_parameters():
         if name.endswith('lora_B'):
             torch.nn.init.normal_(p)  # an adapter that changes the output
-    switched_off = apply_lora(ToySegmentor(), dict(SEED_CFG, adapter_enabled=False))
+    switched_off = apply_lora(ToySegmentor(), dict(DEFAULT_CFG, adapter_enabled=False))
     switched_off.load_state_dict(trained.state_dict())  # strict: LoRA keys are all there
     img = torch.randn(2, 3, 16, 16)
     for m in (base, trained, switched_off):
@@ -400,4 +401,4 @@ def test_adapter_enabled_config_switch_gives_base_outputs_with_lora_weights_load
     assert not torch.allclose(trained(img), base(img))
     assert torch.equal(switched_off(img), base(img))
     with pytest.raises(ValueError, match='adapter_enabled must be a bool'):
-        apply_lora(ToySegmentor(), dict(SEED_CFG, adapter_enabled='no'))
+        apply_lora(ToySegmentor(), dict(DEFAULT_CFG, adapter_enabled='no'))

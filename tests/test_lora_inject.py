@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from eomt_mm.lora import LoRAConfig, LoRALinear, apply_lora, get_lora_config, inject_lora
-from eomt_mm.lora.inject import block_index, match_name
+from eomt_mm.lora.matching import block_index, match_name
 
-SEED_TARGETS = ['qkv', 'proj', 'fc1', 'fc2']
+DEFAULT_TARGETS = ['qkv', 'proj', 'fc1', 'fc2']
 
 
 # ------------------------------------------------------------------ test-local models
@@ -85,7 +85,7 @@ def _lora_names(model):
 
 # ------------------------------------------------------------------------ matching
 def test_matching_rules():
-    # seed short names are aliases for the block layers of both code bases
+    # the default LoRA targets are aliases for the block layers of both code bases
     assert match_name('blocks.0.attn.qkv', 'qkv')
     assert match_name('backbone.layers.3.attn.proj', 'proj')
     assert not match_name('patch_embed.proj', 'proj')
@@ -108,11 +108,11 @@ def test_matching_rules():
     assert block_index('decode_head.class_head') is None
 
 
-def test_timm_style_seed_targets_and_outputs_unchanged():
+def test_timm_style_default_targets_and_outputs_unchanged():
     model = TimmStyleViT(depth=3)
     x = torch.randn(2, 3, 32, 32)
     y0 = model(x)
-    done = inject_lora(model, SEED_TARGETS, rank=4, alpha=8)
+    done = inject_lora(model, DEFAULT_TARGETS, rank=4, alpha=8)
     expected = sorted(f'blocks.{i}.{s}' for i in range(3)
                       for s in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2'))
     assert sorted(done) == expected == _lora_names(model)
@@ -124,12 +124,12 @@ def test_timm_style_seed_targets_and_outputs_unchanged():
 
 
 @pytest.mark.parametrize('layer_scale', [0.0, 1e-5])
-def test_mmpretrain_vit_seed_targets(layer_scale):
+def test_mmpretrain_vit_default_targets(layer_scale):
     model = _mmpretrain_vit(layer_scale)
     model.eval()  # mmpretrain's train() returns None: no chaining
     x = torch.randn(2, 3, 32, 32)
     y0 = model(x)[-1]
-    done = inject_lora(model, SEED_TARGETS, rank=2, alpha=4)
+    done = inject_lora(model, DEFAULT_TARGETS, rank=2, alpha=4)
     expected = sorted(f'layers.{i}.{s}' for i in range(2)
                       for s in ('attn.qkv', 'attn.proj', 'ffn.layers.0.0', 'ffn.layers.1'))
     assert sorted(done) == expected
@@ -146,7 +146,7 @@ def test_real_timm_vit():
                                        num_heads=2, mlp_ratio=2.0, num_classes=3).eval()
     x = torch.randn(2, 3, 32, 32)
     y0 = model(x)
-    done = inject_lora(model, SEED_TARGETS, rank=2, alpha=4, qkv_enable=[True, False, True])
+    done = inject_lora(model, DEFAULT_TARGETS, rank=2, alpha=4, qkv_enable=[True, False, True])
     assert len(done) == 8 and all(n.startswith('blocks.') for n in done)
     assert model.blocks[0].attn.qkv.enable_slices == (True, False, True)
     assert model.blocks[0].mlp.fc1.enable_slices is None
@@ -167,8 +167,8 @@ def test_dotted_suffix_and_regex_targets():
 def test_layers_option():
     def adapted_blocks(layers):
         model = TimmStyleViT(depth=4)
-        inject_lora(model, SEED_TARGETS + ['head'], layers=layers) if layers is not None \
-            else inject_lora(model, SEED_TARGETS + ['head'])
+        inject_lora(model, DEFAULT_TARGETS + ['head'], layers=layers) if layers is not None \
+            else inject_lora(model, DEFAULT_TARGETS + ['head'])
         return sorted({block_index(n)[1] if block_index(n) else n for n in _lora_names(model)},
                       key=str)
 
@@ -178,25 +178,25 @@ def test_layers_option():
     assert adapted_blocks(-2) == [2]
     assert adapted_blocks({'last': 2}) == [2, 3]
     with pytest.raises(ValueError, match=r"layer index 4 out of range: 'blocks' has 4 blocks"):
-        inject_lora(TimmStyleViT(depth=4), SEED_TARGETS, layers=[4])
+        inject_lora(TimmStyleViT(depth=4), DEFAULT_TARGETS, layers=[4])
     with pytest.raises(ValueError, match=r"'last'"):
-        inject_lora(TimmStyleViT(depth=4), SEED_TARGETS, layers={'last': 5})
+        inject_lora(TimmStyleViT(depth=4), DEFAULT_TARGETS, layers={'last': 5})
     with pytest.raises(ValueError, match=r"\{'last': N\}"):
-        inject_lora(TimmStyleViT(depth=4), SEED_TARGETS, layers={'first': 1})
+        inject_lora(TimmStyleViT(depth=4), DEFAULT_TARGETS, layers={'first': 1})
     with pytest.raises(ValueError, match='outside layers'):
         inject_lora(TimmStyleViT(depth=4), ['head'], layers=[0])
 
 
 def test_mmpretrain_layers_last_n():
     model = _mmpretrain_vit()
-    done = inject_lora(model, SEED_TARGETS, layers={'last': 1})
+    done = inject_lora(model, DEFAULT_TARGETS, layers={'last': 1})
     assert sorted(done) == ['layers.1.attn.proj', 'layers.1.attn.qkv',
                             'layers.1.ffn.layers.0.0', 'layers.1.ffn.layers.1']
 
 
 def test_exclude_and_per_target_overrides():
     model = TimmStyleViT(depth=3)
-    done = inject_lora(model, SEED_TARGETS, rank=8, alpha=16,
+    done = inject_lora(model, DEFAULT_TARGETS, rank=8, alpha=16,
                        exclude_modules=[r'blocks\.0\..*', 'mlp.fc2'],
                        rank_pattern={'qkv': 4, r'blocks\.2\..*': 2},
                        alpha_pattern={'fc1': 1.0})
@@ -208,14 +208,14 @@ def test_exclude_and_per_target_overrides():
     assert b[1].mlp.fc1.alpha == 1.0 and b[1].attn.proj.alpha == 16.0
     assert type(b[0].attn.qkv) is nn.Linear and type(b[1].mlp.fc2) is nn.Linear
     with pytest.raises(ValueError, match="rank_pattern key 'fc9' matches no adapted layer"):
-        inject_lora(TimmStyleViT(), SEED_TARGETS, rank_pattern={'fc9': 2})
+        inject_lora(TimmStyleViT(), DEFAULT_TARGETS, rank_pattern={'fc9': 2})
     with pytest.raises(ValueError, match='rank must be a positive int'):
-        inject_lora(TimmStyleViT(), SEED_TARGETS, rank_pattern={'qkv': 0})
+        inject_lora(TimmStyleViT(), DEFAULT_TARGETS, rank_pattern={'qkv': 0})
 
 
 def test_qkv_enable():
     model = TimmStyleViT(depth=2)
-    inject_lora(model, SEED_TARGETS, rank=2, qkv_enable=[True, False, True])
+    inject_lora(model, DEFAULT_TARGETS, rank=2, qkv_enable=[True, False, True])
     qkv = model.blocks[0].attn.qkv
     assert qkv.enable_slices == (True, False, True)
     assert qkv.lora_B.shape == (64, 2)
@@ -227,7 +227,7 @@ def test_qkv_enable():
 def test_follows_device_and_dtype_and_copies():
     model = TimmStyleViT(depth=1).double()
     w = model.blocks[0].attn.qkv.weight
-    inject_lora(model, SEED_TARGETS)
+    inject_lora(model, DEFAULT_TARGETS)
     new = model.blocks[0].attn.qkv
     assert new.lora_A.dtype == torch.float64 and new.weight.device == w.device
     assert torch.equal(new.weight, w) and new.weight.data_ptr() != w.data_ptr()
@@ -236,7 +236,7 @@ def test_follows_device_and_dtype_and_copies():
 def test_plain_checkpoint_loads_into_adapted_model():
     plain = TimmStyleViT(depth=2)
     adapted = TimmStyleViT(depth=2)
-    inject_lora(adapted, SEED_TARGETS)
+    inject_lora(adapted, DEFAULT_TARGETS)
     res = adapted.load_state_dict(plain.state_dict(), strict=False)
     assert not res.unexpected_keys
     assert all(re.fullmatch(r'.*\.lora_[AB]', k) for k in res.missing_keys)
@@ -285,7 +285,7 @@ def test_error_multihead_attention_out_proj():
 def test_error_bad_hyper_parameters(kwargs, msg):
     model = TimmStyleViT()
     with pytest.raises(ValueError, match=msg):
-        inject_lora(model, SEED_TARGETS, **kwargs)
+        inject_lora(model, DEFAULT_TARGETS, **kwargs)
     assert not _lora_names(model)  # validated before anything was replaced
 
 
@@ -293,7 +293,7 @@ def test_error_injecting_twice():
     model = TimmStyleViT()
     inject_lora(model, ['qkv'])
     with pytest.raises(TypeError, match='injected twice.*never nested'):
-        inject_lora(model, SEED_TARGETS)
+        inject_lora(model, DEFAULT_TARGETS)
     assert isinstance(model.blocks[0].attn.qkv, LoRALinear)
     assert type(model.blocks[0].attn.qkv.weight) is nn.Parameter
     with pytest.raises(TypeError, match='injected twice'):
@@ -306,14 +306,14 @@ def test_error_bad_patterns_and_prefix():
     with pytest.raises(ValueError, match='target_modules is empty'):
         inject_lora(TimmStyleViT(), [])
     with pytest.raises(ValueError, match=r"prefix 'backbone' is not a submodule.*'blocks'"):
-        inject_lora(TimmStyleViT(), SEED_TARGETS, prefixes=['backbone'])
+        inject_lora(TimmStyleViT(), DEFAULT_TARGETS, prefixes=['backbone'])
 
 
 # ------------------------------------------------------------------------- apply_lora
-def test_apply_lora_seed_config_on_whole_model():
+def test_apply_lora_default_config_on_whole_model():
     model = TimmStyleViT(depth=2)
     cfg = dict(enabled=True, rank=8, lora_alpha=16, lora_dropout=0.1,
-               target_modules=SEED_TARGETS, freeze_base_model=True, base_prefixes=[''])
+               target_modules=DEFAULT_TARGETS, freeze_base_model=True, base_prefixes=[''])
     assert apply_lora(model, cfg) is model
     assert len(_lora_names(model)) == 8
     assert model.blocks[0].attn.qkv.dropout == 0.1
@@ -326,7 +326,7 @@ def test_apply_lora_only_inside_base_prefixes():
     model = nn.Module()
     model.backbone = TimmStyleViT(depth=2)
     model.decode_head = TimmStyleViT(depth=1)
-    apply_lora(model, dict(target_modules=SEED_TARGETS))
+    apply_lora(model, dict(target_modules=DEFAULT_TARGETS))
     names = _lora_names(model)
     assert len(names) == 8 and all(n.startswith('backbone.') for n in names)
 
@@ -370,7 +370,7 @@ def test_apply_lora_config_errors():
     with pytest.raises(TypeError, match='lora_config must be a dict'):
         apply_lora(TimmStyleViT(), ['qkv'])
     with pytest.raises(ValueError, match="base prefix|prefix 'backbone'"):
-        apply_lora(TimmStyleViT(), dict(target_modules=SEED_TARGETS))
+        apply_lora(TimmStyleViT(), dict(target_modules=DEFAULT_TARGETS))
 
 
 def test_apply_lora_accepts_mmengine_configdict():
@@ -384,7 +384,7 @@ def test_apply_lora_accepts_mmengine_configdict():
 
 
 def test_project_dinov2_backbone_with_registers():
-    """The project's DINOv2 (mmpretrain names + register tokens) with the seed config."""
+    """The project's DINOv2 (mmpretrain names, register tokens), default LoRA targets."""
     from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
     with DefaultScope.overwrite_default_scope('mmseg'):
@@ -395,7 +395,7 @@ def test_project_dinov2_backbone_with_registers():
     model.eval()
     x = torch.randn(1, 3, 64, 64)
     y0 = model(x)[-1]
-    apply_lora(model, dict(rank=2, lora_alpha=4, target_modules=SEED_TARGETS,
+    apply_lora(model, dict(rank=2, lora_alpha=4, target_modules=DEFAULT_TARGETS,
                            layers={'last': 2}, qkv_enable=[True, False, True],
                            base_prefixes=['']))
     assert _lora_names(model) == sorted(
@@ -415,8 +415,8 @@ def test_project_dinov2_backbone_with_registers():
     assert not torch.equal(model(x)[-1], y0)
 
 
-def test_seed_short_names_reach_swiglu_linears_of_dinov2_giant_layout():
-    """ViT-g's SwiGLU MLP has ffn.w12 / ffn.w3 instead of fc1 / fc2; the seed's names cover it."""
+def test_default_targets_reach_swiglu_linears_of_dinov2_giant_layout():
+    """ViT-g's SwiGLU MLP has ffn.w12 / ffn.w3, not fc1 / fc2; the default targets cover it."""
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
 

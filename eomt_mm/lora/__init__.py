@@ -1,8 +1,9 @@
 """LoRA for OpenMMLab models: layer, config-driven injection, freezing, adapters."""
 from .layer import LoRALinear
+from .config import LoRAConfig
 from .inject import inject_lora
 from .freeze import count_parameters, freeze_base_model
-from .config import LoRAConfig, apply_lora, get_lora_config
+from .apply import apply_lora, get_lora_config
 from .builder import WithLoRA
 from .optim_constructor import TrainableOnlyOptimWrapperConstructor
 from .adapters import (add_adapter, disable_adapters, load_adapter, save_adapter,

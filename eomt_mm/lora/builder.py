@@ -13,7 +13,8 @@ It is a builder function, not a wrapper module: it returns the inner model objec
 itself, so state-dict keys, ``init_weights``, ``data_preprocessor`` and everything that
 reaches into ``model.backbone`` behave exactly as without LoRA (a ``__getattr__``
 wrapper would hide them). Injection and freezing happen here, at build time, which the
-Runner does before wrapping the model in DDP (see reference/stack.md).
+Runner does before wrapping the model in DDP (mmengine's ``Runner.build_model`` builds,
+``Runner.wrap_model`` wraps afterwards).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
 from torch import nn
 
-from .config import LoRAConfig, apply_lora
+from .apply import apply_lora
+from .config import LoRAConfig
 
 __all__ = ['WithLoRA']
 

@@ -1,17 +1,21 @@
-"""``lora_config``: validation of the seed-shaped config block and :func:`apply_lora`."""
+"""``lora_config``: the one validation of the LoRA config block.
+
+Every entry point (``apply_lora``, ``inject_lora``, ``freeze_base_model``, the ``WithLoRA``
+builder) validates its arguments by building a :class:`LoRAConfig`, once; the code that
+injects and freezes then trusts the validated values. This module imports no other LoRA
+module except the layer's argument checks and the pattern checks of
+:mod:`eomt_mm.lora.matching`, so everything can import it.
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from torch import nn
+from .layer import _INIT_LORA_A, _check_lora_args
+from .matching import DEFAULT_TARGETS, check_pattern, check_trainable_pattern
 
-from .freeze import freeze_base_model
-from .inject import _check_pattern, inject_lora
-from .layer import _INIT_LORA_A, LoRALinear, _check_lora_args
-
-__all__ = ['LoRAConfig', 'apply_lora', 'get_lora_config']
+__all__ = ['LoRAConfig', 'LORA_CONFIG_ATTR']
 
 # Attribute under which apply_lora records the (plain-dict) config on the model, so
 # adapter files can store it without the caller passing it again.
@@ -20,16 +24,19 @@ LORA_CONFIG_ATTR = '_lora_config'
 
 @dataclass
 class LoRAConfig:
-    """Validated ``lora_config`` (the seed's keys plus extras).
+    """Validated ``lora_config``.
+
+    Which names the pattern keys select is documented in one table in
+    :mod:`eomt_mm.lora.matching`.
 
     Args:
         enabled (bool): Apply LoRA at all. Defaults to True.
         rank (int): Adapter rank (> 0). Defaults to 8.
         lora_alpha (float): Adapter alpha (> 0); scaling ``alpha / rank``. Defaults to 16.
         lora_dropout (float): Adapter-input dropout in ``[0, 1)``. Defaults to 0.0.
-        target_modules (list[str]): Layer patterns (seed short names ``qkv``, ``proj``,
-            ``fc1``, ``fc2``; dotted suffixes; full-match regexes). Defaults to the four
-            seed names.
+        target_modules (list[str]): Layer patterns (the default LoRA targets ``qkv``,
+            ``proj``, ``fc1``, ``fc2``; dotted suffixes; full-match regexes). Defaults to
+            the four default LoRA targets.
         freeze_base_model (bool): Freeze the base after injection. Defaults to True.
         use_rslora (bool): ``alpha / sqrt(rank)`` scaling. Defaults to False.
         init_lora_a (str): ``'kaiming_uniform'`` or ``'gaussian'``.
@@ -56,8 +63,7 @@ class LoRAConfig:
     rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: List[str] = field(
-        default_factory=lambda: ['qkv', 'proj', 'fc1', 'fc2'])
+    target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     freeze_base_model: bool = True
     use_rslora: bool = False
     init_lora_a: str = 'kaiming_uniform'
@@ -97,32 +103,35 @@ class LoRAConfig:
                              "[''] for the whole model")
         self.trainable_modules = self._str_list('trainable_modules',
                                                 self.trainable_modules)
+        for pattern in self.trainable_modules:
+            check_trainable_pattern(pattern, 'lora_config.trainable_modules')
         for key in ('target_modules', 'exclude_modules'):
-            for pat in getattr(self, key):
-                _check_pattern(pat, f'lora_config.{key}')
+            for pattern in getattr(self, key):
+                check_pattern(pattern, f'lora_config.{key}')
         for key, kind in (('rank_pattern', 'rank'), ('alpha_pattern', 'alpha')):
             value = getattr(self, key)
             if not isinstance(value, Mapping):
                 raise ValueError(f'lora_config.{key} must be a dict pattern -> {kind}, '
                                  f'got {value!r}')
             value = dict(value)
-            for pat, v in value.items():
-                _check_pattern(pat, f'lora_config.{key}')
+            for pattern, override in value.items():
+                check_pattern(pattern, f'lora_config.{key}')
                 try:
                     if kind == 'rank':
-                        _check_lora_args(v, 1.0, 0.0, 'gaussian')
+                        _check_lora_args(override, 1.0, 0.0, 'gaussian')
                     else:
-                        _check_lora_args(1, v, 0.0, 'gaussian')
+                        _check_lora_args(1, override, 0.0, 'gaussian')
                 except ValueError as err:
-                    raise ValueError(f'lora_config.{key}[{pat!r}]: {err}') from None
+                    raise ValueError(f'lora_config.{key}[{pattern!r}]: {err}') from None
             setattr(self, key, value)
         if self.qkv_enable is not None:
-            q = self.qkv_enable
-            if (isinstance(q, (str, bytes)) or not isinstance(q, Sequence) or not q
-                    or not all(isinstance(b, bool) for b in q) or not any(q)):
+            slices = self.qkv_enable
+            if (isinstance(slices, (str, bytes)) or not isinstance(slices, Sequence)
+                    or not slices or not all(isinstance(b, bool) for b in slices)
+                    or not any(slices)):
                 raise ValueError('lora_config.qkv_enable must be a list of bools with at '
-                                 f'least one True (e.g. [True, False, True]), got {q!r}')
-            self.qkv_enable = list(q)
+                                 f'least one True (e.g. [True, False, True]), got {slices!r}')
+            self.qkv_enable = list(slices)
         if isinstance(self.layers, Mapping):
             self.layers = dict(self.layers)
         elif isinstance(self.layers, (list, tuple)):
@@ -134,6 +143,16 @@ class LoRAConfig:
 
     @staticmethod
     def _str_list(key: str, value: Any, allow_empty_str: bool = False) -> List[str]:
+        """``value`` as a list of strings (a lone string becomes a one-item list).
+
+        Args:
+            key (str): The config key, for messages.
+            value (Any): What the config holds.
+            allow_empty_str (bool): Accept ``''`` (``base_prefixes``: the whole model).
+
+        Returns:
+            list[str]: The entries.
+        """
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, Sequence):
@@ -147,11 +166,20 @@ class LoRAConfig:
 
     @classmethod
     def valid_keys(cls) -> List[str]:
+        """The keys a ``lora_config`` block may hold."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_dict(cls, cfg: Union[Mapping, 'LoRAConfig']) -> 'LoRAConfig':
-        """Build from a (Config)dict, rejecting unknown keys with the list of valid ones."""
+        """Build from a (Config)dict, rejecting unknown keys with the list of valid ones.
+
+        Args:
+            cfg (Mapping | LoRAConfig): The config block; a LoRAConfig is returned as is
+                (it was validated when it was built).
+
+        Returns:
+            LoRAConfig: The validated config.
+        """
         if isinstance(cfg, LoRAConfig):
             return cfg
         if not isinstance(cfg, Mapping):
@@ -175,54 +203,3 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     return value
 
-
-def apply_lora(model: nn.Module,
-               lora_config: Union[None, Mapping, LoRAConfig]) -> nn.Module:
-    """Validate ``lora_config``, inject LoRA and freeze the base, in place.
-
-    Call it when the model is built (a model's ``__init__`` or the ``WithLoRA``
-    builder), so ``requires_grad`` is settled before the Runner wraps the model in DDP.
-
-    Args:
-        model (nn.Module): The model to adapt.
-        lora_config (dict | LoRAConfig | None): The config block. None or
-            ``enabled=False`` leaves the model untouched.
-
-    Returns:
-        nn.Module: ``model`` itself, with the plain-dict config recorded as
-        ``model._lora_config`` (see :func:`get_lora_config`).
-    """
-    if lora_config is None:
-        return model
-    cfg = LoRAConfig.from_dict(lora_config)
-    if not cfg.enabled:
-        return model
-    inject_lora(
-        model,
-        cfg.target_modules,
-        rank=cfg.rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        use_rslora=cfg.use_rslora,
-        init_lora_a=cfg.init_lora_a,
-        layers=cfg.layers,
-        exclude_modules=cfg.exclude_modules,
-        rank_pattern=cfg.rank_pattern,
-        alpha_pattern=cfg.alpha_pattern,
-        qkv_enable=cfg.qkv_enable,
-        prefixes=cfg.base_prefixes)
-    if not cfg.adapter_enabled:
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.adapter_enabled = False
-    if cfg.freeze_base_model:
-        freeze_base_model(model, cfg.base_prefixes, cfg.trainable_modules,
-                          cfg.trainable_norms)
-    setattr(model, LORA_CONFIG_ATTR, cfg.to_dict())
-    return model
-
-
-def get_lora_config(model: nn.Module) -> Optional[LoRAConfig]:
-    """The config :func:`apply_lora` applied to ``model``, or None."""
-    cfg = getattr(model, LORA_CONFIG_ATTR, None)
-    return None if cfg is None else LoRAConfig.from_dict(cfg)

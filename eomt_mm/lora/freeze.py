@@ -13,55 +13,26 @@ What stays trainable after :func:`freeze_base_model`:
   qualified name or full-match regular expression (``backbone.pos_embed``,
   ``backbone\\.layers\\.(10|11)``): a module match keeps all of its parameters.
 
-Nothing is matched by substring: the seed's fork tested ``'head' in name`` and
-``'norm' in name``, which froze its queries and upscaler (see reference/eomt.md).
+Nothing is matched by substring: a public LoRA fork of EoMT that matched by substring
+(``'head' in name``, ``'norm' in name``) kept the wrong modules trainable and froze its
+queries and upscaler. The matching rules are in one table in :mod:`eomt_mm.lora.matching`.
 """
 from __future__ import annotations
 
-import re
 from typing import Dict, List, Optional, Sequence
 
 from torch import nn
 
+from .config import LoRAConfig
 from .layer import LoRALinear
+from .matching import check_prefixes, match_trainable, under_prefixes
 
-__all__ = ['freeze_base_model', 'count_parameters', 'NORM_TYPES']
+__all__ = ['freeze_base_model', 'freeze_from_config', 'count_parameters', 'NORM_TYPES']
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
               nn.LocalResponseNorm) + ((nn.RMSNorm, ) if hasattr(nn, 'RMSNorm') else ())
 
 _LORA_PARAMS = ('lora_A', 'lora_B')
-
-
-def _name_matches(name: str, pattern: str) -> bool:
-    # Exact name, or a full-match regex; a plain dotted name is compared literally.
-    return name == pattern or re.fullmatch(pattern, name) is not None
-
-
-def _check_prefixes(model: nn.Module, base_prefixes: Sequence[str]) -> List[str]:
-    if isinstance(base_prefixes, str):
-        base_prefixes = [base_prefixes]
-    prefixes = list(base_prefixes)
-    if not prefixes:
-        raise ValueError("base_prefixes is empty: name the pretrained part of the model "
-                         "(e.g. ['backbone'], or [''] for the whole model)")
-    for p in prefixes:
-        if not isinstance(p, str):
-            raise ValueError(f'base_prefixes entries must be strings, got {p!r}')
-        if p:
-            try:
-                model.get_submodule(p)
-            except AttributeError:
-                children = [n for n, _ in model.named_children()]
-                raise ValueError(
-                    f'base prefix {p!r} is not a submodule of {type(model).__name__} '
-                    f'(top-level children: {children}); set base_prefixes to the '
-                    "pretrained part, [''] meaning the whole model") from None
-    return prefixes
-
-
-def _under(name: str, prefixes: Sequence[str]) -> bool:
-    return any(p == '' or name == p or name.startswith(p + '.') for p in prefixes)
 
 
 def freeze_base_model(model: nn.Module,
@@ -86,26 +57,37 @@ def freeze_base_model(model: nn.Module,
 
     Raises:
         ValueError: A prefix that is not a submodule, a ``trainable_modules`` entry that
-            is not a valid regex or matches nothing in the base.
+            is not a valid regex or matches nothing in the base (arguments are validated
+            as the :class:`LoRAConfig` keys of the same names).
     """
-    prefixes = _check_prefixes(model, base_prefixes)
-    patterns = list(trainable_modules or [])
-    for pat in patterns:
-        if not isinstance(pat, str) or not pat:
-            raise ValueError(f'trainable_modules entries must be non-empty strings, got {pat!r}')
-        try:
-            re.compile(pat)
-        except re.error as err:
-            raise ValueError(f'trainable_modules entry {pat!r} is neither an exact name '
-                             f'nor a valid regular expression ({err})') from None
+    cfg = LoRAConfig(base_prefixes=base_prefixes,
+                     trainable_modules=[] if trainable_modules is None else trainable_modules,
+                     trainable_norms=trainable_norms)
+    return freeze_from_config(model, cfg)
 
+
+def freeze_from_config(model: nn.Module, cfg: LoRAConfig) -> List[str]:
+    """:func:`freeze_base_model` with an already validated config (``apply_lora``'s path).
+
+    Args:
+        model (nn.Module): The model (LoRA already injected), modified in place.
+        cfg (LoRAConfig): The validated config; its ``base_prefixes``,
+            ``trainable_modules`` and ``trainable_norms`` are used.
+
+    Returns:
+        list[str]: Names of the parameters now frozen.
+    """
+    prefixes = list(cfg.base_prefixes)
+    check_prefixes(model, prefixes)
+    patterns = list(cfg.trainable_modules)
+    trainable_norms = cfg.trainable_norms
     keep_modules = set()
     hits = {p: 0 for p in patterns}
     for name, module in model.named_modules():
-        if not _under(name, prefixes) or name == '':
+        if not under_prefixes(name, prefixes) or name == '':
             continue
         for pat in patterns:
-            if _name_matches(name, pat):
+            if match_trainable(name, pat):
                 hits[pat] += 1
                 keep_modules.add(name)
         if trainable_norms and isinstance(module, NORM_TYPES):
@@ -118,11 +100,11 @@ def freeze_base_model(model: nn.Module,
             if isinstance(module, LoRALinear) and pname in _LORA_PARAMS:
                 param.requires_grad_(True)
                 continue
-            if not _under(full, prefixes):
+            if not under_prefixes(full, prefixes):
                 continue
             keep = False
             for pat in patterns:
-                if _name_matches(full, pat):
+                if match_trainable(full, pat):
                     hits[pat] += 1
                     keep = True
             # A parameter is kept if its module or any ancestor module is kept.

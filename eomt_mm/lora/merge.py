@@ -14,19 +14,13 @@ from typing import List
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 
+from eomt_mm.utils.model import unwrap_model
 from .adapters import ADAPTER_BANK_ATTR
 from .config import LORA_CONFIG_ATTR
 from .layer import LoRALinear
 
 __all__ = ['merge_lora', 'merge_adapters', 'unmerge_adapters']
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f'expected an nn.Module, got {type(model).__name__}')
-    return model.module if is_model_wrapper(model) else model
 
 
 def _plain_linear(layer: LoRALinear) -> nn.Linear:
@@ -73,7 +67,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: If the model has no LoRALinear layer.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if isinstance(model, LoRALinear):
         raise TypeError('merge_lora() got a single LoRALinear; it replaces layers inside '
                         'a model. Use LoRALinear.merge(), or wrap it in a module.')
@@ -110,7 +104,7 @@ def merge_adapters(model: nn.Module) -> List[str]:
         list[str]: Names of the layers merged now.
     """
     done = []
-    for name, m in _unwrap(model).named_modules():
+    for name, m in unwrap_model(model).named_modules():
         if isinstance(m, LoRALinear) and not m.merged and m.adapter_enabled:
             m.merge()
             done.append(name)
@@ -127,7 +121,7 @@ def unmerge_adapters(model: nn.Module) -> List[str]:
         list[str]: Names of the layers unmerged now.
     """
     done = []
-    for name, m in _unwrap(model).named_modules():
+    for name, m in unwrap_model(model).named_modules():
         if isinstance(m, LoRALinear) and m.merged:
             m.unmerge()
             done.append(name)
