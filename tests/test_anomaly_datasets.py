@@ -9,7 +9,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmseg.registry import DATASETS, TRANSFORMS
 
-from eomt_mm.datasets.transforms.remap_anomaly_labels import build_label_lut
+from eomt_mm.anomaly.label_remap import build_label_lut
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PIPELINE = [

@@ -17,7 +17,7 @@ from mmseg.registry import MODELS, TRANSFORMS
 from mmseg.structures import SegDataSample
 
 from eomt_mm.anomaly.pixel_metrics import pooled_pixel_metrics
-from eomt_mm.models.losses.rba_loss import rba_score
+from eomt_mm.anomaly.outlier_loss import rba_score
 
 K, SIZE, PASTED = 3, 32, 254
 

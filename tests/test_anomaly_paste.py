@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mmseg.registry import TRANSFORMS
 
-from eomt_mm.datasets.transforms.paste_outliers import (decode_segmentation,
+from eomt_mm.anomaly.paste_outliers import (decode_segmentation,
                                                         rle_string_to_counts)
 
 GREEN = (0, 255, 0)

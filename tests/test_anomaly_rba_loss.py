@@ -5,7 +5,7 @@ import pytest
 import torch
 from mmseg.registry import MODELS
 
-from eomt_mm.models.losses.rba_loss import rba_hinge_loss, rba_score
+from eomt_mm.anomaly.outlier_loss import rba_hinge_loss, rba_score
 
 
 def test_hinge_loss_formula():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from eomt_mm.models.backbones import DINOv2
-from eomt_mm.utils.weight_converters import convert_state_dict
+from eomt_mm.converters import convert_state_dict
 from mmseg.registry import MODELS
 
 timm_vit = pytest.importorskip('timm.models.vision_transformer')

@@ -11,9 +11,10 @@ from mmseg.structures import SegDataSample
 EMBED, DEPTH, HEADS, L2, QUERIES, CLASSES, REGISTERS = 32, 4, 2, 2, 8, 4, 4
 
 
-def build_eomt(patch_size=16, img_size=64, num_blocks=L2, test_cfg=None, **decoder_kw):
+def build_eomt(patch_size=16, img_size=64, num_blocks=L2, test_cfg=None, model_type='EoMT',
+               **decoder_kw):
     cfg = dict(
-        type='EoMT',
+        type=model_type,
         backbone=dict(
             type='DINOv2',
             arch=dict(embed_dims=EMBED, num_layers=DEPTH, num_heads=HEADS,
@@ -353,7 +354,7 @@ def test_no_normalisation_inside_the_model(model):
 
 
 def test_anomaly_scores_whole_mode_at_label_resolution():
-    model = build_eomt(test_cfg=dict(mode='whole', anomaly_scores=['msp', 'maxlogit']))
+    model = build_eomt(model_type='AnomalyEoMT', test_cfg=dict(mode='whole', anomaly_scores=['msp', 'maxlogit']))
     model.eval()
     img = torch.randn(1, 3, 64, 64)
     sample = _sample(40, 50, padding_size=[0, 14, 0, 8])  # content 56 x 50 -> label 40 x 50
@@ -375,8 +376,9 @@ def test_anomaly_scores_whole_mode_at_label_resolution():
 
 def test_anomaly_scores_slide_mode_are_stitched():
     cfg = dict(anomaly_scores=['msp'])
-    whole = build_eomt(test_cfg=dict(mode='whole', **cfg))
-    slide = build_eomt(test_cfg=dict(mode='slide', crop_size=64, **cfg))
+    whole = build_eomt(model_type='AnomalyEoMT', test_cfg=dict(mode='whole', **cfg))
+    slide = build_eomt(model_type='AnomalyEoMT',
+                       test_cfg=dict(mode='slide', crop_size=64, **cfg))
     slide.load_state_dict(whole.state_dict())
     whole.eval(), slide.eval()
     with torch.no_grad():
@@ -443,7 +445,7 @@ def test_anomaly_whole_mode_scores_logits_upsampled_to_label_size():
     """
     from eomt_mm.anomaly.scores import compute_anomaly_scores
 
-    model = build_eomt(test_cfg=dict(mode='whole', anomaly_scores=ALL_SCORES))
+    model = build_eomt(model_type='AnomalyEoMT', test_cfg=dict(mode='whole', anomaly_scores=ALL_SCORES))
     model.eval()
     img = torch.randn(1, 3, 64, 64)
     # Content 56 x 50 (padding right 14, bottom 8), flipped, label 36 x 45.
@@ -472,7 +474,7 @@ def test_anomaly_whole_mode_scores_logits_upsampled_to_label_size():
 
 
 def test_anomaly_whole_mode_batch_with_different_label_sizes():
-    model = build_eomt(test_cfg=dict(mode='whole', anomaly_scores=['rba']))
+    model = build_eomt(model_type='AnomalyEoMT', test_cfg=dict(mode='whole', anomaly_scores=['rba']))
     model.eval()
     img = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -496,7 +498,7 @@ def test_anomaly_slide_mode_windows_scored_at_label_scale():
     Each window's mask logits go straight to its 48 x 48 footprint at label scale.
     """
     names = ['msp', 'rba']
-    model = build_eomt(test_cfg=dict(mode='slide', crop_size=64, anomaly_scores=names))
+    model = build_eomt(model_type='AnomalyEoMT', test_cfg=dict(mode='slide', crop_size=64, anomaly_scores=names))
     model.eval()
     img = torch.randn(1, 3, 32, 64)
     with torch.no_grad():
@@ -519,7 +521,7 @@ def test_anomaly_slide_mode_overlap_padding_flip():
     [48, 80), averaged where they overlap; padding 5 cut, flip undone.
     """
     names = ['maxlogit', 'eam']
-    model = build_eomt(test_cfg=dict(mode='slide', crop_size=64, anomaly_scores=names))
+    model = build_eomt(model_type='AnomalyEoMT', test_cfg=dict(mode='slide', crop_size=64, anomaly_scores=names))
     model.eval()
     img = torch.randn(1, 3, 64, 160)
     meta = dict(padding_size=[0, 10, 0, 0], flip=True, flip_direction='horizontal')
@@ -543,7 +545,7 @@ def test_anomaly_slide_mode_overlap_padding_flip():
 def test_anomaly_scores_stay_float32_under_autocast():
     from eomt_mm.anomaly.scores import compute_anomaly_scores
 
-    model = build_eomt(test_cfg=dict(mode='whole', anomaly_scores=['rba', 'maxlogit']))
+    model = build_eomt(model_type='AnomalyEoMT', test_cfg=dict(mode='whole', anomaly_scores=['rba', 'maxlogit']))
     model.eval()
     img = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):

@@ -9,7 +9,7 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-from eomt_mm.models.losses.rba_loss import rba_score
+from eomt_mm.anomaly.outlier_loss import rba_score
 
 EMBED, DEPTH, HEADS, L2, QUERIES, CLASSES = 32, 3, 2, 2, 6, 4
 PASTED = 254
@@ -18,7 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 
 def build(outlier_loss=dict(type='RbALoss'), lora_config=None, **kw):
     model = MODELS.build(dict(
-        type='EoMT',
+        type='AnomalyEoMT',
         backbone=dict(type='DINOv2', arch=dict(embed_dims=EMBED, num_layers=DEPTH,
                                                num_heads=HEADS, feedforward_channels=2 * EMBED),
                       img_size=32, patch_size=8, num_register_tokens=0),

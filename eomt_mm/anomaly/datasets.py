@@ -2,7 +2,8 @@
 
 Every dataset yields raw labels plus a lookup table ``anomaly_label_lut`` that the
 ``RemapAnomalyLabels`` transform applies after ``LoadAnnotations``, giving the common convention
-0 = in-distribution, 1 = anomaly, 255 = void (see ``shared/reference/anomaly.md``).
+0 = in-distribution, 1 = anomaly, 255 = void, the convention of the SegmentMeIfYouCan
+benchmark (https://segmentmeifyoucan.com) and of RbA / Mask2Anomaly's evaluation code.
 
 Layouts:
 
@@ -37,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 
-from .transforms.remap_anomaly_labels import build_label_lut
+from .label_remap import build_label_lut
 
 #: Image extensions accepted by the anomaly datasets.
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')

@@ -1,9 +1,11 @@
 """Per-pixel anomaly scores from mask-transformer (EoMT) outputs.
 
-Every score follows ``shared/reference/anomaly.md``. With per-query class probabilities
-``p_q = softmax(c_q)`` over ``K + 1`` entries (the last one is "no object") and mask logits
-``m_q``, the semantic inference map is ``S_k(x) = sum_q p_q[k] * sigmoid(m_q(x))`` for the
-``K`` real classes. Higher score = more anomalous for every name:
+With per-query class probabilities ``p_q = softmax(c_q)`` over ``K + 1`` entries (the last one is
+"no object") and mask logits ``m_q``, the semantic inference map is
+``S_k(x) = sum_q p_q[k] * sigmoid(m_q(x))`` for the ``K`` real classes (EoMT's and
+Mask2Former's semantic inference, defined once in
+:func:`eomt_mm.models.decode_heads.eomt_decoder.semantic_map`).
+Higher score = more anomalous for every name:
 
 =========  ==========================================================================
 name       score
@@ -15,6 +17,11 @@ energy     ``-logsumexp_k S_k``
 rba        ``-sum_k tanh(S_k)`` (Nayal et al., ICCV 2023)
 eam        ``1 - sum_q sigmoid(m_q) * max_{k<=K} p_q[k]``
 =========  ==========================================================================
+
+Sources: MSP (Hendrycks & Gimpel, ICLR 2017), MaxLogit (Hendrycks et al., ICML 2022), entropy,
+energy (Liu et al., NeurIPS 2020), RbA (Nayal et al., "RbA: Segmenting Unknown Regions Rejected
+by All", ICCV 2023), EAM (Grcic et al., "On Advantages of Mask-level Recognition for Outlier-aware
+Segmentation", CVPR 2023 workshops). ``1 - sum_k S_k`` is a "no-class" score, not RbA.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ from typing import Dict, Iterable, List, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from eomt_mm.models.decode_heads.eomt_decoder import semantic_map as _semantic_map
 
 #: Names accepted by :func:`compute_anomaly_scores`, in documentation order.
 SCORE_NAMES = ('msp', 'maxlogit', 'entropy', 'energy', 'rba', 'eam')
@@ -77,8 +86,7 @@ def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
         ``[B, K, H, W]`` float32 tensor.
     """
     _check_shapes(class_logits, mask_logits)
-    probs = class_logits.float().softmax(-1)[..., :-1]
-    return torch.einsum('bqk,bqhw->bkhw', probs, mask_logits.float().sigmoid())
+    return _semantic_map(class_logits.float(), mask_logits.float())
 
 
 def _check_shapes(class_logits: Tensor, mask_logits: Tensor) -> None:

@@ -4,12 +4,17 @@ EoMT has no separate decoder network: its queries join the ViT's own token seque
 last ``num_blocks`` blocks (the segmentor, :class:`eomt_mm.models.segmentors.EoMT`, runs those
 blocks). What is left for this module is everything the backbone does not own:
 
-* the query embedding ``q`` (``num_queries x embed_dims``);
+* the query embedding ``q`` (``num_queries x embed_dims``) and :meth:`prepend_queries`, which
+  puts the queries in front of the token sequence;
 * :meth:`predict`: class logits ``Linear(D, K + 1)`` and mask logits
   ``einsum(mask_head(q), upscale(patch grid))`` at 1/4 of the input resolution;
 * :meth:`build_attn_mask`: the masked-attention mask derived from an intermediate prediction,
   with the per-block keep probabilities ``attn_mask_probs`` (annealed by ``MaskAnnealingHook``);
-* :meth:`loss`: the Mask2Former set loss with deep supervision over all predictions.
+* :meth:`loss`: the Mask2Former set loss with deep supervision over all predictions, and its
+  :attr:`ignore_index`;
+* :func:`semantic_map` (also :meth:`EoMTDecoder.semantic_map`): the per-pixel class scores
+  ``S_k = sum_q softmax(c_q)[k] * sigmoid(m_q)``, the one place this map is defined (the anomaly
+  scores build on it).
 
 It is not an mmseg ``BaseDecodeHead``: that class builds a ``conv_seg`` classifier over feature
 maps and expects ``in_channels``/``channels`` inputs, none of which EoMT has.
@@ -29,15 +34,29 @@ from torch import Tensor
 from eomt_mm.models.losses.mask_classification_loss import MaskClassificationLoss
 
 
+def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Per-pixel class scores ``S_k = sum_q softmax(c_q)[k] * sigmoid(m_q)`` over K real classes.
+
+    Computed in the inputs' dtype (callers that need float32 pass float32 tensors).
+
+    Args:
+        class_logits: ``[B, Q, K + 1]`` per-query class logits (last entry = no object).
+        mask_logits: ``[B, Q, H, W]`` per-query mask logits, already at the wanted resolution.
+
+    Returns:
+        ``[B, K, H, W]``.
+    """
+    return torch.einsum('bqk,bqhw->bkhw', class_logits.softmax(-1)[..., :-1],
+                        mask_logits.sigmoid())
+
+
 class StridedLayerNorm2d(LayerNorm2d):
     """mmpretrain's ``LayerNorm2d`` without the final ``.contiguous()``.
 
     The channel-first output is returned as a permuted view of the channel-last result, as timm
     and transformers do. mmpretrain copies it back to NCHW, which in the upscaler means one more
-    full-width map at 1/4 resolution per pass (about 75 MiB for ViT-B at 640); the convolution
-    and the mask einsum that follow read the strided view directly (measured: the decoder's
-    copies took ~0.4 s of a 5.3 s CPU forward at 640; the peak training memory is unchanged,
-    as the view keeps the norm's output alive where the copy was kept before).
+    full-width map at 1/4 resolution per pass; the convolution and the mask einsum that follow
+    read the strided view directly (the README's Performance section has the measured effect).
     Parameters and state-dict keys are those of the parent, so checkpoints are unchanged.
 
     Args:
@@ -156,6 +175,26 @@ class EoMTDecoder(BaseModule):
             dice_weight=dice_weight,
             no_object_weight=no_object_weight,
             ignore_index=ignore_index)
+
+    #: See :func:`semantic_map`.
+    semantic_map = staticmethod(semantic_map)
+
+    @property
+    def ignore_index(self) -> int:
+        """Label value the set loss ignores (void pixels)."""
+        return self.loss_module.ignore_index
+
+    def prepend_queries(self, tokens: Tensor) -> Tensor:
+        """``[B, N, D]`` -> ``[B, Q + N, D]``: the learnable queries in front of the tokens.
+
+        Args:
+            tokens: Backbone tokens (CLS, registers, patches).
+
+        Returns:
+            The token sequence the last ``num_blocks`` backbone blocks run on.
+        """
+        queries = self.q.weight[None].expand(tokens.shape[0], -1, -1)
+        return torch.cat([queries, tokens], dim=1)
 
     def predict(self, tokens: Tensor, grid_size: Tuple[int, int],
                 num_prefix_tokens: int) -> Tuple[Tensor, Tensor]:

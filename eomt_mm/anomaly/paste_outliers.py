@@ -1,7 +1,8 @@
 """``PasteOutliers``: outlier exposure by pasting COCO-style objects into training images.
 
 Source = a folder of images plus a COCO "instances" json (polygons, uncompressed or compressed
-RLE). Following the outlier-exposure recipe of anomaly.md, every source image that contains an
+RLE). Following the outlier-exposure recipe of RbA (Nayal et al., ICCV 2023) and Mask2Anomaly
+(Rai et al., ICCV 2023), every source image that contains an
 instance of an excluded class (by default the COCO classes that overlap Cityscapes: person,
 bicycle, car, motorcycle, bus, truck, traffic light, stop sign) is dropped, and the union of the
 remaining instance masks of an image is the outlier object. With probability ``prob`` a random
