@@ -13,7 +13,7 @@ test_scale = (2048, 512)
 train_pipeline = [
     dict(type='LoadImageFromFileChecked'),
     # The dataset's reduce_zero_label: label 0 ("other") -> 255 (ignore), 1..150 -> 0..149.
-    dict(type='LoadAnnotationsChecked'),
+    dict(type='LoadAnnotationsChecked', num_classes=150),
     # Reference scale jitter: fit into crop_size * s, s ~ U(0.5, 2) (long side = 512 s).
     dict(type='RandomResize', scale=crop_size, ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size),
@@ -24,7 +24,7 @@ train_pipeline = [
 test_pipeline = [
     dict(type='LoadImageFromFileChecked'),
     dict(type='Resize', scale=test_scale, keep_ratio=True),
-    dict(type='LoadAnnotationsChecked'),
+    dict(type='LoadAnnotationsChecked', num_classes=150),
     dict(type='PackSegInputs'),
 ]
 

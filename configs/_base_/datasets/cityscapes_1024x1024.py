@@ -1,5 +1,6 @@
 # Cityscapes semantic segmentation, 1024x1024 training crops: the EoMT reference recipe
-# (eomt.md). Data: data/cityscapes/{leftImg8bit,gtFine}/{train,val}/<city>/ with
+# (tue-mps/eomt, its Cityscapes semantic config). Data:
+# data/cityscapes/{leftImg8bit,gtFine}/{train,val}/<city>/ with
 # *_gtFine_labelTrainIds.png made by tools/prepare_cityscapes.py.
 #
 # The model's SegDataPreProcessor must pad batches to `crop_size` (size=crop_size,
@@ -18,7 +19,7 @@ test_scale = (2048, 1024)
 
 train_pipeline = [
     dict(type='LoadImageFromFileChecked'),
-    dict(type='LoadAnnotationsChecked'),
+    dict(type='LoadAnnotationsChecked', num_classes=19),
     # Reference scale jitter (torchvision ScaleJitter(target_size=crop, scale_range=(0.5, 2))):
     # fit the frame into crop_size * s, s ~ U(0.5, 2). mmcv's RandomResize with
     # scale=crop_size and keep_ratio=True computes the same factor, min(crop*s/h, crop*s/w),
@@ -37,7 +38,7 @@ test_pipeline = [
     dict(type='LoadImageFromFileChecked'),
     dict(type='Resize', scale=test_scale, keep_ratio=True),
     # Labels are loaded after the resize so that metrics are computed at full resolution.
-    dict(type='LoadAnnotationsChecked'),
+    dict(type='LoadAnnotationsChecked', num_classes=19),
     dict(type='PackSegInputs'),
 ]
 

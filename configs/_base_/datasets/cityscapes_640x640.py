@@ -1,5 +1,5 @@
-# Cityscapes at 640x640 training crops (the seed's experiment size): the 1024 recipe with the
-# crop, and therefore the scale jitter and the validation size, scaled to 640.
+# Cityscapes at 640x640 training crops (the LoRA fine-tuning experiment's size): the 1024 recipe
+# with the crop, and therefore the scale jitter and the validation size, scaled to 640.
 _base_ = ['./cityscapes_1024x1024.py']
 
 crop_size = (640, 640)
@@ -8,7 +8,7 @@ test_scale = (1280, 640)
 
 train_pipeline = [
     dict(type='LoadImageFromFileChecked'),
-    dict(type='LoadAnnotationsChecked'),
+    dict(type='LoadAnnotationsChecked', num_classes=19),
     # Fit into crop_size * s, s ~ U(0.5, 2): a 2048x1024 frame becomes (640 s)x(320 s).
     dict(type='RandomResize', scale=crop_size, ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size),
@@ -19,7 +19,7 @@ train_pipeline = [
 test_pipeline = [
     dict(type='LoadImageFromFileChecked'),
     dict(type='Resize', scale=test_scale, keep_ratio=True),
-    dict(type='LoadAnnotationsChecked'),
+    dict(type='LoadAnnotationsChecked', num_classes=19),
     dict(type='PackSegInputs'),
 ]
 

@@ -11,7 +11,7 @@ img_scale = (256, 128)  # (w, h) of the generated frames
 
 train_pipeline = [
     dict(type='LoadImageFromFileChecked'),
-    dict(type='LoadAnnotationsChecked'),
+    dict(type='LoadAnnotationsChecked', num_classes=19),
     # The reference recipe's jitter, (0.5, 2.0) around a crop-sized fit, would shrink these small
     # frames to 64x128; a milder jitter around the native size lets a tiny model learn in a few
     # hundred CPU iterations.
@@ -24,7 +24,7 @@ train_pipeline = [
 test_pipeline = [
     dict(type='LoadImageFromFileChecked'),
     dict(type='Resize', scale=img_scale, keep_ratio=True),
-    dict(type='LoadAnnotationsChecked'),
+    dict(type='LoadAnnotationsChecked', num_classes=19),
     dict(type='PackSegInputs'),
 ]
 

@@ -175,10 +175,16 @@ class EoMT(BaseSegmentor):
         patch = self.backbone.patch_size
         height, width = inputs.shape[-2:]
         if height % patch or width % patch:
-            raise ValueError(
-                f'EoMT input {height}x{width} is not a multiple of the patch size {patch}: set '
-                f'size_divisor={patch} (or a multiple-of-{patch} crop) in the data preprocessor, '
-                f"or use test_cfg mode='slide' with a crop_size multiple of {patch}")
+            # mmseg's SegDataPreProcessor pads with `size` / `size_divisor` only in training;
+            # at test time it reads its own `test_cfg`: quote the key that works in this mode.
+            if self.training:
+                fix = (f'set model.data_preprocessor.size to a crop whose sides are multiples of '
+                       f'{patch} (or size_divisor={patch})')
+            else:
+                fix = (f'set model.data_preprocessor.test_cfg=dict(size_divisor={patch}), or '
+                       f"model.test_cfg=dict(mode='slide', crop_size=<a multiple of {patch}>)")
+            raise ValueError(f'EoMT input {height}x{width} is not a multiple of the patch size '
+                             f'{patch}: {fix}')
 
     def _use_checkpoint(self) -> bool:
         return self.training and torch.is_grad_enabled()
