@@ -6,15 +6,20 @@ a temporary folder. Every run gets its own experiment and visualizer name:
 mmengine hands out one instance per name within a process.
 """
 import importlib.util
+import sys
 import uuid
 from pathlib import Path
 from typing import List
 
-from eomt_mm.datasets import generate_demo_dataset
 from eomt_mm.engine.checkpoint import load_checkpoint_weights_only
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / 'tools'
+# The demo renderer is a package of tools/ (not of eomt_mm); appended, so nothing is shadowed.
+if str(TOOLS) not in sys.path:
+    sys.path.append(str(TOOLS))
+
+from demo_data import generate_demo_dataset  # noqa: E402
 DEMO_CONFIG = REPO / 'configs' / 'eomt_lora_demo.py'
 # MaskAnnealingHook needs at least 6 iterations for its windows.
 MAX_ITERS = 6

@@ -1,4 +1,4 @@
-"""Anomaly scores against plainly written per-pixel formulas (anomaly.md)."""
+"""Anomaly scores against plainly written per-pixel formulas (MSP, MaxLogit, entropy, energy, RbA, EAM)."""
 import math
 
 import pytest

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine import Config
+from mmengine.hooks import Hook
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import HOOKS, PARAM_SCHEDULERS, init_default_scope
 from mmseg.registry import MODELS
@@ -16,6 +17,12 @@ from eomt_mm.lora import LoRALinear
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob('*.py') if '_base_' not in p.parts)
+
+
+def _type_name(component_cfg) -> str:
+    """The class name a config's ``type`` names (a string, possibly scoped, or a class)."""
+    declared = component_cfg['type']
+    return declared.split('.')[-1] if isinstance(declared, str) else declared.__name__
 
 
 def test_configs_found():
@@ -34,8 +41,17 @@ def test_config_builds(path):
         PARAM_SCHEDULERS.build(dict(s), default_args=dict(optimizer=optim_wrapper))
         for s in cfg.param_scheduler
     ]
-    hooks = [HOOKS.build(dict(h)) for h in cfg.get('custom_hooks', [])]
-    assert schedulers and hooks is not None
+    hook_cfgs = cfg.get('custom_hooks', [])
+    hooks = [HOOKS.build(dict(h)) for h in hook_cfgs]
+    # Every experiment declares its learning-rate schedule; each declared scheduler and hook is
+    # built as the class it names, in order, and the schedule acts on this optimizer wrapper for
+    # the whole training loop.
+    assert len(cfg.param_scheduler) >= 1
+    assert [type(s).__name__ for s in schedulers] == [_type_name(s) for s in cfg.param_scheduler]
+    assert all(s.optimizer is optim_wrapper for s in schedulers)
+    assert max(s.end for s in schedulers) == cfg.train_cfg.max_iters
+    assert [type(h).__name__ for h in hooks] == [_type_name(h) for h in hook_cfgs]
+    assert all(isinstance(h, Hook) for h in hooks)
 
     in_optimizer = {id(p) for g in optim_wrapper.optimizer.param_groups for p in g['params']}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}

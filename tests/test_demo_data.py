@@ -1,4 +1,4 @@
-"""The built-in demo data set (tools/make_demo_data.py) and the dataset configs."""
+"""The demo data set (tools/make_demo_data.py, tools/demo_data/) and the dataset configs."""
 from __future__ import annotations
 
 import hashlib
@@ -12,11 +12,14 @@ import cv2
 import numpy as np
 import pytest
 
-from eomt_mm.datasets import demo_roads
-from eomt_mm.datasets.demo_roads import (CLASSES, DEMO_VERSION, demo_dataset_is_current,
-                                         generate_demo_dataset)
-
 REPO = Path(__file__).resolve().parents[1]
+# The renderer is a package of tools/ (not of eomt_mm); appended, so nothing earlier is shadowed.
+if str(REPO / 'tools') not in sys.path:
+    sys.path.append(str(REPO / 'tools'))
+
+from demo_data import (CLASSES, DEMO_VERSION, demo_dataset_is_current,  # noqa: E402
+                       generate_demo_dataset, render_demo_scene, writer)
+
 CONFIGS = REPO / 'configs' / '_base_' / 'datasets'
 SMALL = dict(num_train=4, num_val=2, num_anomaly=3)
 
@@ -93,7 +96,7 @@ def test_semantic_labels_use_the_19_train_ids(full_demo):
 
 
 def test_anomaly_split_labels(full_demo):
-    min_px = round(demo_roads._MIN_ANOMALY_FRACTION * 128 * 256)
+    min_px = round(writer.MIN_ANOMALY_FRACTION * 128 * 256)
     for path in sorted((full_demo / 'anomaly/labels_masks').iterdir()):
         mask = _read(path)
         assert mask.shape == (128, 256)
@@ -153,8 +156,8 @@ def test_same_parameters_give_the_same_bytes(tmp_path, small_demo):
 
 
 def test_scene_renderer_is_a_pure_function_of_the_rng():
-    a = demo_roads.render_demo_scene(np.random.default_rng(7), 96, 160, num_anomalies=2)
-    b = demo_roads.render_demo_scene(np.random.default_rng(7), 96, 160, num_anomalies=2)
+    a = render_demo_scene(np.random.default_rng(7), 96, 160, num_anomalies=2)
+    b = render_demo_scene(np.random.default_rng(7), 96, 160, num_anomalies=2)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     image, label, anomaly = a
@@ -190,6 +193,20 @@ def test_stale_or_damaged_data_is_regenerated(small_demo):
     assert info.generated and len(list(small_demo.glob('leftImg8bit/train/*/*.png'))) == 2
 
 
+def test_data_written_before_the_renderer_moved_is_replaced_not_refused(small_demo):
+    """A manifest naming the renderer's earlier home (eomt_mm.datasets.demo_roads) is ours."""
+    reference = _disk_hashes(small_demo)
+    manifest = json.loads((small_demo / 'manifest.json').read_text())
+    current_writer = manifest['generator']
+    manifest['generator'] = 'eomt_mm.datasets.demo_roads'
+    (small_demo / 'manifest.json').write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    assert not demo_dataset_is_current(small_demo, **SMALL)
+    info = generate_demo_dataset(small_demo, **SMALL)
+    assert info.generated
+    assert _disk_hashes(small_demo) == reference  # the same bytes, manifest included
+    assert json.loads((small_demo / 'manifest.json').read_text())['generator'] == current_writer
+
+
 def test_leftovers_of_an_interrupted_run_are_removed(tmp_path):
     for leftover in ('.demo.partial', '.demo.old'):
         (tmp_path / leftover / 'gtFine').mkdir(parents=True)
@@ -203,7 +220,7 @@ def test_failure_while_writing_leaves_the_previous_data_intact(tmp_path, monkeyp
     root = generate_demo_dataset(tmp_path / 'demo', **SMALL).root
     reference = _disk_hashes(root)
     calls = {'n': 0}
-    real_encode = demo_roads._encode_png
+    real_encode = writer._encode_png
 
     def encode_then_die(array):
         calls['n'] += 1
@@ -211,7 +228,7 @@ def test_failure_while_writing_leaves_the_previous_data_intact(tmp_path, monkeyp
             raise KeyboardInterrupt  # e.g. Ctrl-C half-way through
         return real_encode(array)
 
-    monkeypatch.setattr(demo_roads, '_encode_png', encode_then_die)
+    monkeypatch.setattr(writer, '_encode_png', encode_then_die)
     with pytest.raises(KeyboardInterrupt):
         generate_demo_dataset(root, **SMALL, force=True)
     assert _disk_hashes(root) == reference

@@ -12,26 +12,18 @@ to put in front of every demo command.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import os
 import sys
-from pathlib import Path
 
+# The renderer is the package tools/demo_data, not part of eomt_mm: it needs only numpy and
+# OpenCV (importing eomt_mm would cost seconds of torch, mmseg and mmpretrain start-up for
+# nothing). ``python tools/make_demo_data.py`` puts tools/ on sys.path already; this line covers
+# loading the script from elsewhere (e.g. by its path).
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+if _TOOLS not in sys.path:
+    sys.path.append(_TOOLS)
 
-def _load_generator():
-    """Imports ``eomt_mm/datasets/demo_roads.py`` without importing all of eomt_mm.
-
-    The generator needs only numpy and OpenCV; importing the package would pull in torch,
-    mmseg and mmpretrain (seconds of start-up) for nothing.
-    """
-    path = Path(__file__).resolve().parents[1] / 'eomt_mm' / 'datasets' / 'demo_roads.py'
-    if not path.is_file():  # installed package without the source tree
-        from eomt_mm.datasets import demo_roads
-        return demo_roads
-    spec = importlib.util.spec_from_file_location('eomt_mm_demo_roads', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from demo_data import generate_demo_dataset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,9 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    gen = _load_generator()
     try:
-        info = gen.generate_demo_dataset(
+        info = generate_demo_dataset(
             args.out, num_train=args.num_train, num_val=args.num_val,
             num_anomaly=args.num_anomaly, height=args.height, width=args.width, seed=args.seed,
             force=args.force)

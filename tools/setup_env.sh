@@ -3,7 +3,7 @@
 #
 # Re-running is cheap: a stamp (hash of this script and setup.cfg) skips every pip call when
 # nothing changed. mmcv 2.1.0 has no wheel on PyPI; it is built from its sdist once (see
-# stack.md for the three obstacles) and the wheel is cached under $EOMT_MM_CACHE keyed by the
+# README "Installation" for the three obstacles) and the wheel is cached under $EOMT_MM_CACHE keyed by the
 # torch version and the kind of ops (cpu / cuda), because pip's own wheel cache ignores torch.
 set -euo pipefail
 

@@ -2,10 +2,10 @@
 """Switching EoMT-B between two tasks: LoRA adapters vs full checkpoints.
 
 Two tasks, A and B, are made from one random EoMT-B base: each has its own LoRA matrices
-(rank 8, seed targets) and its own trainable non-LoRA tensors (decoder, norms), saved with
-``save_adapter``; each is also saved as a full checkpoint of the merged model (``merge_lora``:
-the plain EoMT-B state dict a fully fine-tuned model would have). Switching A <-> B is timed,
-alternating the direction, for:
+(the default LoRA: rank 8 on qkv / proj / fc1 / fc2) and its own trainable non-LoRA tensors
+(decoder, norms), saved with ``save_adapter``; each is also saved as a full checkpoint of the
+merged model (``merge_lora``: the plain EoMT-B state dict a fully fine-tuned model would have).
+Switching A <-> B is timed, alternating the direction, for:
 
 * ``set_adapter``: both adapters already loaded on the model (in memory);
 * ``load_adapter``: read the other adapter from disk onto the loaded model (default

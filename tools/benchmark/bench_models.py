@@ -17,31 +17,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LORA_CONFIG_FILE = os.path.join(REPO, 'configs', 'eomt_lora_b640.py')
 
 # Variant name -> how the model is built and what trains.
-#   lora: None (no LoRA) or overrides of the config's (seed) lora_config
+#   lora: None (no LoRA) or overrides of the config's lora_config (the default LoRA)
 #   freeze_backbone: every backbone parameter frozen (norms included), no LoRA
 #   checkpoint_blocks / checkpoint_decoder: EoMT's activation-checkpointing options
 VARIANTS: Dict[str, dict] = {
     'full': dict(lora=None, freeze_backbone=False, checkpoint_blocks=0,
                  help='full fine-tuning, every parameter trains'),
     'lora': dict(lora={}, freeze_backbone=False, checkpoint_blocks=0,
-                 help='seed LoRA: rank 8, qkv/proj/fc1/fc2, base frozen, dropout 0.1'),
+                 help='default LoRA: rank 8, qkv/proj/fc1/fc2, base frozen, dropout 0.1'),
     'lora_p0': dict(lora=dict(lora_dropout=0.0), freeze_backbone=False, checkpoint_blocks=0,
-                    help='seed LoRA with dropout 0'),
+                    help='default LoRA with dropout 0'),
     'lora_ckpt': dict(lora={}, freeze_backbone=False, checkpoint_blocks='frozen',
-                      help="seed LoRA + checkpoint_blocks='frozen' (the 9 blocks before the "
+                      help="default LoRA + checkpoint_blocks='frozen' (the 9 blocks before the "
                       'queries)'),
     'lora_ckdec': dict(lora={}, freeze_backbone=False, checkpoint_blocks=0,
                        checkpoint_decoder=True,
-                       help='seed LoRA + checkpoint_decoder=True (upscaler and heads recomputed)'),
+                       help='default LoRA + checkpoint_decoder=True (upscaler and heads '
+                       'recomputed)'),
     'lora_ckpt_ckdec': dict(lora={}, freeze_backbone=False, checkpoint_blocks='frozen',
                             checkpoint_decoder=True,
-                            help="seed LoRA + checkpoint_blocks='frozen' + checkpoint_decoder"),
+                            help="default LoRA + checkpoint_blocks='frozen' + checkpoint_decoder"),
     'lora_ckall': dict(lora={}, freeze_backbone=False, checkpoint_blocks=12,
                        checkpoint_decoder=True,
-                       help='seed LoRA + all 12 blocks and the decoder checkpointed'),
+                       help='default LoRA + all 12 blocks and the decoder checkpointed'),
     'lora_task': dict(lora=dict(base_prefixes=['backbone', 'decoder']), freeze_backbone=False,
                       checkpoint_blocks=0,
-                      help='seed LoRA on an already trained EoMT (a task adapter): the decoder '
+                      help='default LoRA on an already trained EoMT (a task adapter): the decoder '
                       'is part of the frozen base too, only LoRA and norms train'),
     'heads': dict(lora=None, freeze_backbone=True, checkpoint_blocks=0,
                   help='heads only: backbone frozen, no LoRA'),
@@ -54,7 +55,8 @@ def eomt_b_config(size: int, lora: Optional[dict], checkpoint_blocks=0,
 
     Args:
         size: Training crop side (multiple of 16); sets the backbone's pos-embed grid.
-        lora: None = no LoRA; a dict = the config's seed ``lora_config`` updated with it.
+        lora: None = no LoRA; a dict = the config's ``lora_config`` (the default LoRA)
+            updated with it.
         checkpoint_blocks: EoMT ``checkpoint_blocks``.
         checkpoint_decoder: EoMT ``checkpoint_decoder``.
     """
@@ -65,9 +67,9 @@ def eomt_b_config(size: int, lora: Optional[dict], checkpoint_blocks=0,
     cfg['backbone'].pop('init_cfg', None)
     cfg['backbone']['img_size'] = size
     cfg.pop('data_preprocessor', None)
-    seed_lora = cfg.pop('lora_config')
+    default_lora = cfg.pop('lora_config')
     if lora is not None:
-        cfg['lora_config'] = {**copy.deepcopy(seed_lora), **lora}
+        cfg['lora_config'] = {**copy.deepcopy(default_lora), **lora}
     cfg['test_cfg'] = dict(mode='whole')
     cfg['checkpoint_blocks'] = checkpoint_blocks
     cfg['checkpoint_decoder'] = checkpoint_decoder

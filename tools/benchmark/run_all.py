@@ -6,23 +6,24 @@ Runs, each as its own process (so their memory figures stay separate), with the 
 1. ``train_step.py``: EoMT-B training step, full FT vs LoRA (and each memory lever) vs heads
    only (640, batch 1 with every variant and batch 2 with the main ones; ``--quick``: 320,
    batch 1);
-   and ``memory_breakdown.py``: what fills the peak of the seed LoRA's step;
+   and ``memory_breakdown.py``: what fills the peak of the default LoRA's step;
 2. ``inference.py``: EoMT-B inference, no LoRA / LoRA / merged LoRA / transformers' EoMT with the
    same weights, outputs checked to agree in the same run;
 3. ``adapter_swap.py``: switching tasks with adapters vs rebuilding + full checkpoint;
 4. ``lora_layer.py``: one LoRA layer vs PEFT vs ``nn.Linear`` (``--quick`` passed through);
 5. ``anomaly_metric.py``: pooled anomaly metrics vs scikit-learn (a modest pixel count).
 
-The reliability soak (kill / resume of a training run) is its own command,
-``tools/benchmark/soak.py``, because it takes up to 30 minutes by design.
+The kill / resume soak of a training run is a robustness test, not a benchmark:
+``tests/robustness/soak.py`` (its short version runs in the test suite).
+
+Nothing is written unless ``--out`` is given; ``--out work_dirs/bench`` keeps results out of the
+source folders.
 
 With ``--out DIR`` the scripts that write JSON put it there. The run stops at the first script
 that fails (its exit status is returned), since a broken check makes the later figures moot.
 
-    python tools/benchmark/run_all.py --quick            # 7 min on 2 busy cores (measured)
-    python tools/benchmark/run_all.py --out bench_results  # full suite (hours on 2 cores: the
-                                                         # two 640 training-step runs took
-                                                         # 58 min side by side)
+    python tools/benchmark/run_all.py --quick                  # small sizes
+    python tools/benchmark/run_all.py --out work_dirs/bench    # the full suite (hours on a CPU)
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Training-step variants of the batch-2 and quick runs: the baseline, the seed's LoRA, LoRA with
+# Training-step variants of the batch-2 and quick runs: the baseline, the default LoRA, LoRA with
 # both checkpointing levers, a task adapter on a trained EoMT and heads only.
 MAIN_VARIANTS = ('full', 'lora', 'lora_ckpt_ckdec', 'lora_task', 'heads')
 

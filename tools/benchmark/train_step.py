@@ -2,7 +2,7 @@
 """Training step of EoMT-B: full fine-tuning vs LoRA vs heads only (time, memory, state, size).
 
 Variants (see ``bench_models.VARIANTS``): ``full`` (every parameter trains), ``lora`` (the
-seed's LoRA: rank 8 on qkv / proj / fc1 / fc2, base frozen, dropout 0.1), ``lora_p0`` (the same
+default LoRA: rank 8 on qkv / proj / fc1 / fc2, base frozen, dropout 0.1), ``lora_p0`` (the same
 with dropout 0), the memory levers one at a time and together: ``lora_ckpt`` (non-reentrant
 checkpointing of the 9 blocks before the queries), ``lora_ckdec`` (checkpointing of the
 decoder's predictions), ``lora_ckpt_ckdec`` (both), ``lora_ckall`` (all 12 blocks and the
@@ -24,7 +24,7 @@ stretch the wall time, much less the CPU time, so compare ratios of the latter w
 is busy, and pass ``--threads 1``: with several threads, a step stalls at every parallel
 region while one of its threads waits for a core, which inflates both clocks.
 
-    python tools/benchmark/train_step.py --size 320 --repeats 2     # quick (~5 min, 2 cores)
+    python tools/benchmark/train_step.py --size 320 --repeats 2     # quick
     python tools/benchmark/train_step.py                            # 640, batch 1
     python tools/benchmark/train_step.py --batch 2 --out train_b2.json
     python tools/benchmark/train_step.py --size 320 --threads 1     # on a busy machine

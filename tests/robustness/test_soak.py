@@ -1,29 +1,26 @@
-"""The soak benchmark (tools/benchmark/soak.py): its checks can fail, and a short soak passes.
+"""The kill / resume soak (tests/robustness/soak.py): its checks can fail, and a short soak passes.
 
 The end-to-end test trains the demo config for 8 iterations through ``tools/train.py`` twice:
 uninterrupted, and SIGKILLed twice (once inside a training step, once when a checkpoint save
 is announced) with ``--resume`` after each kill; the final weights must be bit-identical.
 """
-import importlib.util
 import os
 import random
 import shutil
 import signal
-import sys
 import time
 
 import pytest
 import torch
 
-from eomt_mm.engine import checkpoint as engine_checkpoint
-
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools',
-                     'benchmark', 'soak.py')
-_spec = importlib.util.spec_from_file_location('eomt_benchmark_soak', _PATH)
-soak = importlib.util.module_from_spec(_spec)
-# dataclasses look their module up in sys.modules while the class is created.
-sys.modules[_spec.name] = soak
-_spec.loader.exec_module(soak)
+# pytest puts this folder on sys.path (rootdir conftest, no __init__.py): the soak's modules
+# import by name, as they do when soak.py runs as a script.
+import soak
+import soak_checks
+import soak_plan
+import soak_runner
+from soak_runner import classify_kill
+from eomt_mm.utils import io as project_io
 
 
 def _fake_training_checkpoint(it: int, scale: float = 1.0) -> dict:
@@ -46,7 +43,7 @@ def _write_run(work_dir, iters=(3, 6)):
 
 def test_scanner_accepts_a_complete_run_and_flags_a_truncated_checkpoint(tmp_path):
     _write_run(tmp_path)
-    clean = soak.scan_work_dir(str(tmp_path))
+    clean = soak_checks.scan_work_dir(str(tmp_path))
     assert clean.ok, clean.problems
     assert clean.checkpoints == {'iter_3.pth': 3, 'iter_6.pth': 6}
     assert clean.last_checkpoint == str(tmp_path / 'iter_6.pth')
@@ -54,7 +51,7 @@ def test_scanner_accepts_a_complete_run_and_flags_a_truncated_checkpoint(tmp_pat
     # What a kill during a non-atomic write leaves: the first part of a valid file.
     data = (tmp_path / 'iter_6.pth').read_bytes()
     (tmp_path / 'iter_6.pth').write_bytes(data[:len(data) // 2])
-    report = soak.scan_work_dir(str(tmp_path))
+    report = soak_checks.scan_work_dir(str(tmp_path))
     assert not report.ok
     assert set(report.broken) == {'iter_6.pth'}
     assert 'iter_3.pth' in report.checkpoints
@@ -66,82 +63,86 @@ def test_scanner_accepts_a_complete_run_and_flags_a_truncated_checkpoint(tmp_pat
 def test_scanner_flags_bad_pointers_and_mislabelled_checkpoints(tmp_path):
     _write_run(tmp_path)
     (tmp_path / 'last_checkpoint').write_text('')
-    assert any('empty' in p for p in soak.scan_work_dir(str(tmp_path)).problems)
+    assert any('empty' in p for p in soak_checks.scan_work_dir(str(tmp_path)).problems)
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_9.pth'))
-    assert any('missing file' in p for p in soak.scan_work_dir(str(tmp_path)).problems)
+    assert any('missing file' in p for p in soak_checks.scan_work_dir(str(tmp_path)).problems)
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_6.pth'))
     # A complete file whose name claims another iteration is not the checkpoint it says.
     shutil.copy(tmp_path / 'iter_3.pth', tmp_path / 'iter_4.pth')
-    report = soak.scan_work_dir(str(tmp_path))
+    report = soak_checks.scan_work_dir(str(tmp_path))
     assert report.broken == {'iter_4.pth': 'meta iter 3 does not match the file name'}
     # A file that loads but is not a training checkpoint (no optimizer / meta).
     torch.save({'state_dict': {}}, tmp_path / 'iter_4.pth')
-    assert 'not a complete training checkpoint' in soak.scan_work_dir(
+    assert 'not a complete training checkpoint' in soak_checks.scan_work_dir(
         str(tmp_path)).broken['iter_4.pth']
 
 
 def test_scanner_recognises_the_atomic_writers_temp_files(tmp_path, monkeypatch):
-    """The temp-name pattern is the one eomt_mm.engine.checkpoint really writes."""
+    """The temp-name pattern is the one the project's atomic writer really writes.
+
+    ``eomt_mm.utils.io.atomic_write_bytes`` is the one atomic writer: mmengine's checkpoint
+    saves go through it once safe checkpointing is installed.
+    """
     _write_run(tmp_path)
     # Stop the atomic writer right before its rename, as a SIGKILL there would.
     left = []
-    monkeypatch.setattr(engine_checkpoint.os, 'replace', lambda src, dst: left.append(src))
-    engine_checkpoint.AtomicLocalBackend().put(b'partial bytes', str(tmp_path / 'iter_9.pth'))
+    monkeypatch.setattr(project_io.os, 'replace', lambda src, dst: left.append(src))
+    project_io.atomic_write_bytes(str(tmp_path / 'iter_9.pth'), b'partial bytes')
     monkeypatch.undo()
     assert len(left) == 1 and os.path.isfile(left[0])
-    report = soak.scan_work_dir(str(tmp_path))
+    report = soak_checks.scan_work_dir(str(tmp_path))
     assert report.temp_files == [os.path.basename(left[0])]
     # The leftover is neither a *.pth nor named by last_checkpoint, so it is harmless.
     assert report.ok, report.problems
     assert not (tmp_path / 'iter_9.pth').exists()
     # ...and the kill classifier attributes it to the killed process's save.
-    pid = int(soak._TEMP_RE.match(report.temp_files[0]).group('pid'))
+    pid = int(soak_checks.TEMP_RE.match(report.temp_files[0]).group('pid'))
     assert pid == os.getpid()
-    phase = soak._classify(('save', 0.0, 9, None), report, pid, str(tmp_path))
-    assert phase == soak.PHASE_SAVE_MID_WRITE
-    assert soak._classify(('save', 0.0, 9, None), report, pid + 1,
-                          str(tmp_path)) == soak.PHASE_SAVE_BEFORE_WRITE
+    phase = classify_kill(('save', 0.0, 9, None), report, pid, str(tmp_path))
+    assert phase == soak_runner.PHASE_SAVE_MID_WRITE
+    assert classify_kill(('save', 0.0, 9, None), report, pid + 1,
+                          str(tmp_path)) == soak_runner.PHASE_SAVE_BEFORE_WRITE
     # A pointer to a temp file would make resume read a partial write: flagged.
     (tmp_path / 'last_checkpoint').write_text(left[0])
-    assert any('temporary file' in p for p in soak.scan_work_dir(str(tmp_path)).problems)
+    assert any('temporary file' in p for p in soak_checks.scan_work_dir(str(tmp_path)).problems)
 
 
 def test_kill_phase_follows_the_last_log_line_and_the_files_on_disk(tmp_path):
     _write_run(tmp_path, iters=(3,))
-    scan = soak.scan_work_dir(str(tmp_path))
-    assert soak._classify(None, scan, 1, str(tmp_path)) == soak.PHASE_STARTUP
-    assert soak._classify(('resumed', 0.0, 3), scan, 1, str(tmp_path)) == soak.PHASE_STARTUP
-    assert soak._classify(('iter', 0.0, 4), scan, 1, str(tmp_path)) == soak.PHASE_STEP
+    scan = soak_checks.scan_work_dir(str(tmp_path))
+    assert classify_kill(None, scan, 1, str(tmp_path)) == soak_runner.PHASE_STARTUP
+    assert classify_kill(('resumed', 0.0, 3), scan, 1, str(tmp_path)) == soak_runner.PHASE_STARTUP
+    assert classify_kill(('iter', 0.0, 4), scan, 1, str(tmp_path)) == soak_runner.PHASE_STEP
     # Killed while mmengine rewrote last_checkpoint (truncated, not yet written).
     pointer_text = (tmp_path / 'last_checkpoint').read_text()
     (tmp_path / 'last_checkpoint').write_text('')
-    scan_empty = soak.scan_work_dir(str(tmp_path))
-    assert soak._classify(('save', 0.0, 3, None), scan_empty, 1,
-                          str(tmp_path)) == soak.PHASE_SAVE_POINTER_EMPTY
-    assert soak._resume_point(scan_empty.last_checkpoint) == '(empty last_checkpoint)'
-    assert soak._resume_point(None) == 'scratch'
+    scan_empty = soak_checks.scan_work_dir(str(tmp_path))
+    assert classify_kill(('save', 0.0, 3, None), scan_empty, 1,
+                          str(tmp_path)) == soak_runner.PHASE_SAVE_POINTER_EMPTY
+    assert soak_checks.resume_point(scan_empty.last_checkpoint) == '(empty last_checkpoint)'
+    assert soak_checks.resume_point(None) == 'scratch'
     (tmp_path / 'last_checkpoint').write_text(pointer_text)
     # Save of 6 announced; nothing renamed into place yet.
     announced = ('save', 0.0, 6, None)
-    assert soak._classify(announced, scan, 1, str(tmp_path)) == soak.PHASE_SAVE_BEFORE_WRITE
+    assert classify_kill(announced, scan, 1, str(tmp_path)) == soak_runner.PHASE_SAVE_BEFORE_WRITE
     # iter_6.pth in place, last_checkpoint still at 3, then updated.
     _write_run(tmp_path, iters=(6,))
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_3.pth'))
-    scan = soak.scan_work_dir(str(tmp_path))
-    assert soak._classify(announced, scan, 1, str(tmp_path)) == soak.PHASE_SAVE_BEFORE_POINTER
+    scan = soak_checks.scan_work_dir(str(tmp_path))
+    assert classify_kill(announced, scan, 1, str(tmp_path)) == soak_runner.PHASE_SAVE_BEFORE_POINTER
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_6.pth'))
-    scan = soak.scan_work_dir(str(tmp_path))
-    assert soak._classify(announced, scan, 1, str(tmp_path)) == soak.PHASE_AFTER_SAVE
+    scan = soak_checks.scan_work_dir(str(tmp_path))
+    assert classify_kill(announced, scan, 1, str(tmp_path)) == soak_runner.PHASE_AFTER_SAVE
     # A save that would replace an existing iter_6.pth but never reached the rename.
     st = os.stat(tmp_path / 'iter_6.pth')
     same = ('save', 0.0, 6, (st.st_ino, st.st_mtime_ns))
-    assert soak._classify(same, scan, 1, str(tmp_path)) == soak.PHASE_SAVE_BEFORE_WRITE
+    assert classify_kill(same, scan, 1, str(tmp_path)) == soak_runner.PHASE_SAVE_BEFORE_WRITE
 
 
 def test_compare_checkpoints_reports_the_largest_difference(tmp_path):
     torch.save(_fake_training_checkpoint(6), tmp_path / 'a.pth')
     torch.save(_fake_training_checkpoint(6), tmp_path / 'b.pth')
-    same = soak.compare_checkpoints(str(tmp_path / 'a.pth'), str(tmp_path / 'b.pth'))
+    same = soak_checks.compare_checkpoints(str(tmp_path / 'a.pth'), str(tmp_path / 'b.pth'))
     assert same['max_weight_diff'] == 0.0 and same['max_optimizer_diff'] == 0.0
     assert same['tensors'] == 2 and same['iters'] == [6, 6] and same['differing'] == []
 
@@ -149,24 +150,25 @@ def test_compare_checkpoints_reports_the_largest_difference(tmp_path):
     other['state_dict']['head.weight'][3, 5] += 2.5e-7
     other['optimizer']['state'][0]['exp_avg'][0, 0] -= 0.125
     torch.save(other, tmp_path / 'c.pth')
-    diff = soak.compare_checkpoints(str(tmp_path / 'a.pth'), str(tmp_path / 'c.pth'))
+    diff = soak_checks.compare_checkpoints(str(tmp_path / 'a.pth'), str(tmp_path / 'c.pth'))
     assert diff['max_weight_diff'] == pytest.approx(2.5e-7, rel=0.05)
     assert diff['max_optimizer_diff'] == pytest.approx(0.125, rel=1e-6)
     assert 'state_dict.head.weight' in diff['differing']
     # A missing tensor is an infinite difference, not a silent pass.
     del other['state_dict']['head.bias']
     torch.save(other, tmp_path / 'd.pth')
-    assert soak.compare_checkpoints(str(tmp_path / 'a.pth'),
+    assert soak_checks.compare_checkpoints(str(tmp_path / 'a.pth'),
                                     str(tmp_path / 'd.pth'))['max_weight_diff'] == float('inf')
 
 
 def test_kill_plan_is_reproducible_and_moves_forward():
-    settings = soak.SoakSettings(iters=600, ckpt_interval=25)
+    settings = soak_plan.SoakSettings(iters=600, ckpt_interval=25)
     window = (0.12, 0.13, 0.135)  # write starts, write ends, last_checkpoint updated
     stages = [0, 0, 0]  # save kills per stage of a save, over all seeds
     for seed in range(20):
-        plan = soak.plan_kills(random.Random(seed), settings, 8, iter_s=0.4, save_window=window)
-        assert plan == soak.plan_kills(random.Random(seed), settings, 8, 0.4, window)
+        plan = soak_plan.plan_kills(random.Random(seed), settings, 8, iter_s=0.4,
+                                    save_window=window)
+        assert plan == soak_plan.plan_kills(random.Random(seed), settings, 8, 0.4, window)
         assert [k.kind for k in plan].count('save') == 3  # round(8 * 0.4)
         anchors = [k.anchor for k in plan]
         assert anchors == sorted(anchors) and 1 <= anchors[0] and anchors[-1] <= 600
@@ -180,19 +182,19 @@ def test_kill_plan_is_reproducible_and_moves_forward():
                 assert k.kind == 'step' and k.anchor < 600 and 0.02 <= k.delay_s <= 0.38
     # Each plan's 3 save kills cover serialising, writing and the pointer update once each.
     assert stages == [20, 20, 20]
-    assert soak.plan_kills(random.Random(0), settings, 0, 0.4, window) == []
-    assert {k.kind for k in soak.plan_kills(random.Random(0), settings, 5, 0.4, window,
+    assert soak_plan.plan_kills(random.Random(0), settings, 0, 0.4, window) == []
+    assert {k.kind for k in soak_plan.plan_kills(random.Random(0), settings, 5, 0.4, window,
                                             save_share=1.0)} == {'save'}
     with pytest.raises(ValueError, match='save_share'):
-        soak.plan_kills(random.Random(0), settings, 5, 0.4, window, save_share=1.5)
+        soak_plan.plan_kills(random.Random(0), settings, 5, 0.4, window, save_share=1.5)
     with pytest.raises(ValueError, match='save_window'):
-        soak.plan_kills(random.Random(0), settings, 5, 0.4, (0.2, 0.1, 0.3))
-    assert soak.checkpoint_steps(8, 3) == [3, 6, 8]
-    assert soak.checkpoint_steps(600, 25)[-2:] == [575, 600]
+        soak_plan.plan_kills(random.Random(0), settings, 5, 0.4, (0.2, 0.1, 0.3))
+    assert soak_plan.checkpoint_steps(8, 3) == [3, 6, 8]
+    assert soak_plan.checkpoint_steps(600, 25)[-2:] == [575, 600]
     with pytest.raises(ValueError, match='iters must be >= 6'):
-        soak.SoakSettings(iters=5).validate()
+        soak_plan.SoakSettings(iters=5).validate()
     with pytest.raises(ValueError, match='ckpt_interval'):
-        soak.SoakSettings(iters=10, ckpt_interval=11).validate()
+        soak_plan.SoakSettings(iters=10, ckpt_interval=11).validate()
 
 
 def test_summary_counts_a_kill_after_the_final_save():
@@ -203,9 +205,9 @@ def test_summary_counts_a_kill_after_the_final_save():
                 dict(last_iter=0, resumed_from=8, saves=[])]
     run = dict(attempts=attempts, finished=True, temp_files=['.iter_6.pth.1.' + 'a' * 32 + '.tmp'],
                problems=[], kills=[
-                   dict(kind='save', anchor=6, delay_s=0.1, phase=soak.PHASE_SAVE_MID_WRITE),
-                   dict(kind='save', anchor=8, delay_s=0.2, phase=soak.PHASE_AFTER_SAVE)])
-    settings = soak.SoakSettings(iters=8, ckpt_interval=3)
+                   dict(kind='save', anchor=6, delay_s=0.1, phase=soak_runner.PHASE_SAVE_MID_WRITE),
+                   dict(kind='save', anchor=8, delay_s=0.2, phase=soak_runner.PHASE_AFTER_SAVE)])
+    settings = soak_plan.SoakSettings(iters=8, ckpt_interval=3)
     summary = soak.summarize(settings, run, dict(max_weight_diff=0.0, max_optimizer_diff=0.0))
     assert summary['final_iter'] == 8
     assert summary['iterations_trained'] == 12 and summary['iterations_redone'] == 4
@@ -220,14 +222,14 @@ def test_summary_counts_a_kill_after_the_final_save():
 
 @pytest.mark.slow
 def test_short_soak_with_two_kills_matches_the_uninterrupted_run(tmp_path):
-    settings = soak.SoakSettings(iters=8, ckpt_interval=3, batch_size=2, max_keep_ckpts=2,
+    settings = soak_plan.SoakSettings(iters=8, ckpt_interval=3, batch_size=2, max_keep_ckpts=2,
                                  seed=0, threads=1, num_train=8)
-    options = soak.train_options(settings, soak.make_data(str(tmp_path / 'data'), 8))
+    options = soak_plan.train_options(settings, soak_plan.make_data(str(tmp_path / 'data'), 8))
     deadline = time.monotonic() + 600
     ref_dir, soak_dir = tmp_path / 'reference', tmp_path / 'soak'
     ref_dir.mkdir()
     soak_dir.mkdir()
-    ref = soak.run_training(str(ref_dir), options, settings, [], deadline, str(ref_dir),
+    ref = soak_runner.run_training(str(ref_dir), options, settings, [], deadline, str(ref_dir),
                             say=lambda msg: None, watch_saves=True)
     assert ref['finished'] and not ref['problems'] and not ref['kills']
     assert ref['final_checkpoint'] == str(ref_dir / 'iter_8.pth')
@@ -240,8 +242,8 @@ def test_short_soak_with_two_kills_matches_the_uninterrupted_run(tmp_path):
 
     # Kill 1 inside the step after iteration 4 (the iteration-3 checkpoint is complete);
     # kill 2 the moment the iteration-6 save is announced.
-    plan = [soak.PlannedKill('step', 4, 0.0), soak.PlannedKill('save', 6, 0.0)]
-    run = soak.run_training(str(soak_dir), options, settings, plan, deadline, str(soak_dir),
+    plan = [soak_plan.PlannedKill('step', 4, 0.0), soak_plan.PlannedKill('save', 6, 0.0)]
+    run = soak_runner.run_training(str(soak_dir), options, settings, plan, deadline, str(soak_dir),
                             say=lambda msg: None)
     assert run['finished'], run['failure']
     assert run['problems'] == []
@@ -252,10 +254,10 @@ def test_short_soak_with_two_kills_matches_the_uninterrupted_run(tmp_path):
     assert run['attempts'][2]['resumed_from'] in (3, 6)
     assert run['attempts'][2]['resumed_from'] >= run['attempts'][1]['resumed_from']
     assert run['attempts'][2]['last_iter'] == 8
-    assert run['kills'][0]['phase'] == soak.PHASE_STEP
-    assert run['kills'][1]['phase'] in (soak.SAVE_PHASES + (soak.PHASE_AFTER_SAVE,))
+    assert run['kills'][0]['phase'] == soak_runner.PHASE_STEP
+    assert run['kills'][1]['phase'] in (soak_runner.SAVE_PHASES + (soak_runner.PHASE_AFTER_SAVE,))
 
-    cmp = soak.compare_checkpoints(ref['final_checkpoint'], run['final_checkpoint'])
+    cmp = soak_checks.compare_checkpoints(ref['final_checkpoint'], run['final_checkpoint'])
     assert cmp['iters'] == [8, 8]
     assert cmp['max_weight_diff'] == 0.0, cmp['differing']
     assert cmp['max_optimizer_diff'] == 0.0, cmp['differing']
