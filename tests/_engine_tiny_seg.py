@@ -23,12 +23,9 @@ import torch
 import torch.distributed as torch_dist
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
 
-
-def _plain(model):
-    return model.module if is_model_wrapper(model) else model
+from eomt_mm.utils.model import unwrap_model
 
 
 @HOOKS.register_module()
@@ -44,7 +41,7 @@ class DumpRankState(Hook):
     def before_train(self, runner):
         self.initial = {
             k: v.detach().cpu().clone()
-            for k, v in _plain(runner.model).state_dict().items()
+            for k, v in unwrap_model(runner.model).state_dict().items()
         }
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
@@ -64,11 +61,11 @@ class DumpRankState(Hook):
             initial=self.initial,
             final={
                 k: v.detach().cpu().clone()
-                for k, v in _plain(model).state_dict().items()
+                for k, v in unwrap_model(model).state_dict().items()
             },
             requires_grad={
                 n: p.requires_grad
-                for n, p in _plain(model).named_parameters()
+                for n, p in unwrap_model(model).named_parameters()
             },
             optim_wrapper=type(runner.optim_wrapper).__name__,
         )

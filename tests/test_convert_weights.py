@@ -9,8 +9,7 @@ import torch
 
 from eomt_mm.models.backbones import DINOv2
 from eomt_mm.utils.resample import resample_patch_kernel, resize_pos_embed_grid
-from eomt_mm.utils.weight_converters import (DECODER_KEY_MAP, CheckpointConversionError,
-                                             convert_state_dict)
+from eomt_mm.converters import DECODER_KEY_MAP, CheckpointConversionError, convert_state_dict
 
 timm = pytest.importorskip('timm')
 from timm.layers import resample_abs_pos_embed, resample_patch_embed  # noqa: E402
@@ -137,7 +136,8 @@ def test_timm_patch16_matches_timm_own_loading(tmp_path):
 
 # ------------------------------------------------------------------------------- Meta format
 def _meta_from_timm(model, swiglu=False):
-    """Meta hub layout built from a timm model (renaming per eomt.md)."""
+    """Meta hub layout built from a timm model (the inverse of ``_convert_dinov2`` in
+    timm/models/vision_transformer.py)."""
     sd = dict(model.state_dict())
     pos_cls = torch.randn(1, 1, D) * 0.2
     out = {'cls_token': sd.pop('cls_token') - pos_cls,  # Meta keeps the CLS position separate

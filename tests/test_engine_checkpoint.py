@@ -1,9 +1,16 @@
 """Weights-only resume / load_from with mmengine's Runner, refusal of
-arbitrary pickles, and atomic checkpoint writes (eomt_mm.engine.checkpoint)."""
+arbitrary pickles, atomic checkpoint writes (eomt_mm.engine.checkpoint), and
+their installation into mmengine (eomt_mm.engine.safe_checkpoint)."""
 import collections
+import json
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
+import mmengine
 import numpy as np
 import pytest
 import torch
@@ -13,13 +20,22 @@ from mmengine.hooks import Hook
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
-from mmengine.runner.checkpoint import save_checkpoint
+from mmengine.runner.checkpoint import CheckpointLoader, save_checkpoint
 from torch import nn
 from torch.utils.data import Dataset
 
-from eomt_mm.engine.checkpoint import (AtomicLocalBackend,
-                                       UnsafeCheckpointError,
-                                       load_checkpoint_weights_only)
+from _engine_tiny_seg import subprocess_env
+from eomt_mm.engine.checkpoint import (UnsafeCheckpointError,
+                                       is_weights_only_loader,
+                                       load_checkpoint_weights_only,
+                                       load_from_local_weights_only)
+from eomt_mm.engine.safe_checkpoint import (SUPPORTED_MMENGINE_VERSIONS,
+                                            AtomicLocalBackend,
+                                            UnsupportedMMEngineError,
+                                            install_safe_checkpointing,
+                                            is_installed)
+
+REPO = Path(__file__).resolve().parents[1]
 
 MAX_ITERS = 6
 CKPT_INTERVAL = 3
@@ -383,3 +399,152 @@ def test_allow_list_is_scoped_and_keeps_user_globals(uninterrupted):
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(before)
+
+
+# ------------------------------------------------------------ installation into mmengine
+def _run_python(tmp_path, script):
+    """Run ``script`` in a fresh interpreter (nothing installed yet); its last stdout line
+    is JSON."""
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(script)],
+                          capture_output=True, text=True, cwd=str(tmp_path),
+                          env=subprocess_env(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_MMENGINE_STATE = """
+    import builtins, json
+    import mmengine
+    from mmengine.fileio import LocalBackend
+    from mmengine.fileio.backends import registry_utils
+    from mmengine.hooks import checkpoint_hook
+    from mmengine.runner import checkpoint as mm_checkpoint
+    from eomt_mm.engine.checkpoint import is_weights_only_loader
+    from eomt_mm.engine.safe_checkpoint import is_installed
+
+    def state():
+        schemes = mm_checkpoint.CheckpointLoader._schemes
+        return dict(
+            local_is_mmengine=schemes[''] is mm_checkpoint.load_from_local,
+            any_weights_only=any(is_weights_only_loader(f) for f in schemes.values()),
+            local_backend=registry_utils.backends['local'] is LocalBackend
+            and registry_utils.prefix_to_backends[''] is LocalBackend,
+            hook_open_is_builtin='open' not in vars(checkpoint_hook),
+            installed=is_installed())
+"""
+
+_UNTOUCHED = dict(local_is_mmengine=True, any_weights_only=False,
+                  local_backend=True, hook_open_is_builtin=True,
+                  installed=False)
+
+
+def test_import_eomt_mm_leaves_mmengine_untouched(tmp_path):
+    """``import eomt_mm`` only registers; a refused installation changes nothing either."""
+    out = _run_python(tmp_path, _MMENGINE_STATE + """
+    import importlib
+    import eomt_mm
+    after_import = state()
+    mmengine.__version__ = '0.11.0'
+    try:
+        importlib.import_module('eomt_mm.engine.safe_checkpoint_install')
+        refusal = None
+    except Exception as err:  # the error type is checked below
+        refusal = type(err).__name__ + ': ' + str(err)
+    print(json.dumps(dict(after_import=after_import, after_refusal=state(),
+                          refusal=refusal)))
+    """)
+    assert out['after_import'] == _UNTOUCHED
+    assert out['after_refusal'] == _UNTOUCHED
+    assert out['refusal'].startswith('UnsupportedMMEngineError')
+    assert 'found mmengine 0.11.0' in out['refusal']
+
+
+def test_custom_imports_module_installs_safe_checkpointing(tmp_path):
+    """mmseg's own tools/train.py loads the config with ``Config.fromfile``, which imports
+    ``custom_imports``: default_runtime.py's list installs everything."""
+    runtime = REPO / 'configs' / '_base_' / 'default_runtime.py'
+    out = _run_python(tmp_path, _MMENGINE_STATE + f"""
+    import torch
+    from mmengine.config import Config
+    from mmengine.fileio import get_file_backend
+    from mmengine.logging.history_buffer import HistoryBuffer
+    from eomt_mm.engine.checkpoint import load_from_local_weights_only
+    from eomt_mm.engine.safe_checkpoint import (AtomicLocalBackend,
+                                                install_safe_checkpointing)
+
+    before = state()
+    cfg = Config.fromfile({str(runtime)!r})
+    after = state()
+    schemes = mm_checkpoint.CheckpointLoader._schemes
+    snapshot = dict(schemes)
+    install_safe_checkpointing()  # explicit call after the import: no change
+    again = mm_checkpoint.CheckpointLoader._schemes
+    buffer = HistoryBuffer()
+    buffer.update(0.5)
+    torch.save(dict(state_dict=dict(w=torch.ones(2)),
+                    message_hub=dict(log_scalars=dict(loss=buffer))), 'ckpt.pth')
+    loaded = mm_checkpoint.CheckpointLoader.load_checkpoint('ckpt.pth', 'cpu')
+    print(json.dumps(dict(
+        imports=cfg.custom_imports['imports'], before=before, after=after,
+        local_is_ours=schemes[''] is load_from_local_weights_only,
+        atomic_backend=isinstance(get_file_backend('x.pth'), AtomicLocalBackend),
+        second_call_same=again is schemes and all(
+            again[k] is v for k, v in snapshot.items()) and len(again) == len(snapshot),
+        loaded_loss=loaded['message_hub']['log_scalars']['loss'].current())))
+    """)
+    assert out['imports'] == ['eomt_mm', 'eomt_mm.engine.safe_checkpoint_install']
+    assert out['before'] == _UNTOUCHED
+    assert out['after'] == dict(local_is_mmengine=False, any_weights_only=True,
+                                local_backend=False, hook_open_is_builtin=False,
+                                installed=True)
+    assert out['local_is_ours'] and out['atomic_backend']
+    assert out['second_call_same']
+    assert out['loaded_loss'] == 0.5
+
+
+def test_install_is_idempotent():
+    from mmengine.hooks import checkpoint_hook
+    assert is_installed()  # tests/conftest.py installed it
+    schemes = CheckpointLoader._schemes
+    snapshot = dict(schemes)
+    hook_open = checkpoint_hook.open
+    install_safe_checkpointing()
+    install_safe_checkpointing()
+    assert CheckpointLoader._schemes is schemes
+    assert {k: id(v) for k, v in schemes.items()} == {
+        k: id(v) for k, v in snapshot.items()}
+    assert checkpoint_hook.open is hook_open
+    # A loader registered later (another package's scheme) is wrapped once, on the next
+    # call; the others stay the same objects and nothing is wrapped twice.
+
+    def load_from_test_scheme(filename, map_location=None):
+        return {'loaded': filename}
+
+    CheckpointLoader.register_scheme('eomt-test://', load_from_test_scheme)
+    try:
+        assert not is_installed()
+        install_safe_checkpointing()
+        assert is_installed()
+        wrapped = CheckpointLoader._schemes['eomt-test://']
+        assert is_weights_only_loader(wrapped)
+        assert wrapped.__wrapped__ is load_from_test_scheme
+        assert wrapped('eomt-test://x') == {'loaded': 'eomt-test://x'}
+        install_safe_checkpointing()
+        assert CheckpointLoader._schemes['eomt-test://'] is wrapped
+        for key, loader in snapshot.items():
+            assert CheckpointLoader._schemes[key] is loader
+        assert CheckpointLoader._schemes[''] is load_from_local_weights_only
+    finally:
+        CheckpointLoader._schemes.pop('eomt-test://', None)
+
+
+def test_unsupported_mmengine_version_is_refused(monkeypatch):
+    monkeypatch.setattr(mmengine, '__version__', '0.9.1')
+    with pytest.raises(UnsupportedMMEngineError) as err:
+        install_safe_checkpointing()
+    message = str(err.value)
+    assert 'found mmengine 0.9.1' in message  # the version found
+    assert f'written for mmengine {SUPPORTED_MMENGINE_VERSIONS[0]}' in message
+    assert "pip install 'mmengine==0.10.7'" in message  # what to do
+    assert 'SUPPORTED_MMENGINE_VERSIONS' in message
+    assert 'nothing was changed' in message

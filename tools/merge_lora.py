@@ -21,15 +21,26 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import os.path as osp
 import pickle
 import sys
-import tempfile
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
-from mmengine.config import DictAction
+from mmengine.config import Config, DictAction
+from mmengine.registry import init_default_scope
+from mmengine.runner import set_random_seed
+from mmengine.utils import import_modules_from_strings
+from mmseg.registry import MODELS
+
+import eomt_mm  # noqa: F401  (registers WithLoRA, LoRALinear, the models)
+from eomt_mm.engine.checkpoint import load_checkpoint_weights_only
+from eomt_mm.engine.hooks.lora_checkpoint_hook import (is_adapter_only_checkpoint,
+                                                       restore_frozen_base)
+from eomt_mm.engine.safe_checkpoint import install_safe_checkpointing
+from eomt_mm.lora import merge_lora
+from eomt_mm.lora.adapters import is_adapter_path, lora_layers, load_adapter
+from eomt_mm.utils.io import atomic_write
 
 _MAX_LISTED = 10
 
@@ -73,7 +84,6 @@ def without_lora(model_cfg: Any) -> Any:
 
 
 def build_model(model_cfg: Any) -> torch.nn.Module:
-    from mmseg.registry import MODELS
     return MODELS.build(copy.deepcopy(model_cfg))
 
 
@@ -112,11 +122,6 @@ def _check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Any],
 
 def load_into(model: torch.nn.Module, checkpoint_path: str) -> str:
     """Load CHECKPOINT into the LoRA model; returns a description of what was loaded."""
-    from eomt_mm.engine.checkpoint import load_checkpoint_weights_only
-    from eomt_mm.engine.hooks.lora_checkpoint_hook import (is_adapter_only_checkpoint,
-                                                           restore_frozen_base)
-    from eomt_mm.lora.adapters import is_adapter_path, load_adapter
-
     if is_adapter_path(checkpoint_path):
         # The adapter carries no base weights: they come from the config's init_cfg.
         model.init_weights()
@@ -159,30 +164,14 @@ def load_into(model: torch.nn.Module, checkpoint_path: str) -> str:
 
 def save_atomic(obj: Any, out: str) -> None:
     """torch.save to a temporary file next to ``out``, then rename over it."""
-    folder = osp.dirname(osp.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(out) + '.', dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(out, lambda tmp: torch.save(obj, tmp))
 
 
 def merge(config: str, checkpoint: str, out: str, device: str = 'cpu',
           verify: bool = True, cfg_options: Optional[Mapping] = None) -> Dict[str, Any]:
     """Build, load, merge, check and write; returns the written ``meta``."""
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmengine.utils import import_modules_from_strings
-
-    import eomt_mm  # noqa: F401  (registers WithLoRA, LoRALinear, the models)
-    from eomt_mm.lora import merge_lora
-    from eomt_mm.lora.adapters import lora_layers
-
+    # init_cfg=dict(type='Pretrained') loads the base through mmengine: weights only.
+    install_safe_checkpointing()
     if not osp.isfile(config):
         raise MergeError(f'config file {config!r} does not exist')
     if osp.abspath(out) == osp.abspath(checkpoint):
@@ -200,7 +189,6 @@ def merge(config: str, checkpoint: str, out: str, device: str = 'cpu',
     if seed is not None:
         # As the Runner does before building: a base that is a seeded random init (no
         # pretrained init_cfg, as in the demo) is then rebuilt identically for adapters.
-        from mmengine.runner import set_random_seed
         set_random_seed(seed, deterministic=cfg.get('randomness', {}).get(
             'deterministic', False))
     model = build_model(cfg.model).to(device)

@@ -25,10 +25,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import os.path as osp
 import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
+
+# Running ``python tools/prepare_cityscapes.py`` puts tools/ on sys.path, not the repo root;
+# make the checkout's package importable without an install.
+_REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from eomt_mm.utils.io import atomic_write  # noqa: E402
 
 POLYGON_SUFFIX = '_gtFine_polygons.json'
 TRAIN_ID_SUFFIX = '_gtFine_labelTrainIds.png'
@@ -46,27 +55,30 @@ class PrepareError(RuntimeError):
 
 
 def _load_converter():
+    """cityscapesscripts' ``Annotation`` and ``createLabelImage`` (the two steps of its
+    ``json2labelImg``)."""
     try:
-        from cityscapesscripts.preparation.json2labelImg import json2labelImg
+        from cityscapesscripts.helpers.annotation import Annotation
+        from cityscapesscripts.preparation.json2labelImg import createLabelImage
     except ImportError as err:
         raise PrepareError(
             'cityscapesscripts is required to render labelTrainIds from the polygon '
             f'annotations ({err}). Install it with: pip install cityscapesscripts') from err
-    return json2labelImg
+    return Annotation, createLabelImage
 
 
 def _convert_one(job: tuple[str, str]) -> str:
     json_path, out_path = job
-    json2labelImg = _load_converter()
-    # PIL picks the format from the extension, so the temporary name also ends in .png.
-    head, name = os.path.split(out_path)
-    tmp = os.path.join(head, f'.{name[:-4]}.{os.getpid()}.partial.png')
-    try:
-        json2labelImg(json_path, tmp, 'trainIds')
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    annotation_cls, create_label_image = _load_converter()
+
+    def render(tmp: str) -> None:
+        # json2labelImg's own steps, but naming the format: PIL otherwise picks it from the
+        # extension, and the temporary file of atomic_write ends in .tmp.
+        annotation = annotation_cls()
+        annotation.fromJsonFile(json_path)
+        create_label_image(annotation, 'trainIds').save(tmp, format='PNG')
+
+    atomic_write(out_path, render)
     return out_path
 
 

@@ -8,8 +8,8 @@ Examples::
     # several GPUs, or several CPU processes (gloo) on a machine without GPUs
     GPUS=2 tools/dist_test.sh CONFIG CKPT
 
-The checkpoint is loaded through mmengine with ``weights_only=True`` (see
-``eomt_mm.engine.checkpoint``); a file that pickles anything else is refused.
+The checkpoint is loaded through mmengine with ``weights_only=True`` (the tool installs
+``eomt_mm.engine.safe_checkpoint``); a file that pickles anything else is refused.
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ if _REPO_ROOT not in sys.path:
 
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
 
-import eomt_mm  # noqa: E402,F401  (registers modules, safe checkpoint loading)
+import eomt_mm  # noqa: E402,F401  (registers the components)
 from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
 from eomt_mm.engine.runner import build_runner, load_config  # noqa: E402
+from eomt_mm.engine.safe_checkpoint import install_safe_checkpointing  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,6 +131,9 @@ def build_cfg(args: argparse.Namespace) -> Config:
 
 
 def main(argv=None) -> dict:
+    # Weights-only checkpoint loading and atomic checkpoint writes in mmengine (what changes:
+    # eomt_mm/engine/safe_checkpoint.py).
+    install_safe_checkpointing()
     args = parse_args(argv)
     cfg = build_cfg(args)
     # A missing data folder stops here with the folder and how to get it

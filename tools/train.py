@@ -45,12 +45,13 @@ if _REPO_ROOT not in sys.path:
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
 
-import eomt_mm  # noqa: E402,F401  (registers modules, safe checkpoint loading)
+import eomt_mm  # noqa: E402,F401  (registers the components)
 from eomt_mm.engine.amp import (AMP_DTYPES, enable_amp,  # noqa: E402
                                 fall_back_to_fp32_on_cpu)
 from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
 from eomt_mm.engine.runner import build_runner, load_config  # noqa: E402
+from eomt_mm.engine.safe_checkpoint import install_safe_checkpointing  # noqa: E402
 from eomt_mm.engine.hooks import add_rng_state_hook  # noqa: E402
 
 
@@ -132,7 +133,7 @@ def checkpoint_behind_broken_record(work_dir: str) -> Optional[str]:
     """The checkpoint to resume from when ``work_dir/last_checkpoint`` is unusable.
 
     mmengine resumes from the path recorded in ``last_checkpoint``; a record left empty by a
-    run killed while writing it (mmengine before this project made that write atomic) or
+    run killed while writing it (mmengine without safe checkpointing installed) or
     naming a deleted file stops ``--resume`` with "Checkpoint file '' does not exist". Then the
     newest ``iter_*.pth`` / ``epoch_*.pth`` of the work dir is used instead, with a warning.
 
@@ -170,6 +171,9 @@ def checkpoint_behind_broken_record(work_dir: str) -> Optional[str]:
 
 
 def main(argv=None) -> None:
+    # Weights-only checkpoint loading and atomic checkpoint writes in mmengine (what changes:
+    # eomt_mm/engine/safe_checkpoint.py).
+    install_safe_checkpointing()
     args = parse_args(argv)
     cfg = build_cfg(args)
     # Before the Runner exists: a missing data folder then stops with the

@@ -1,6 +1,10 @@
 # Runtime shared by every eomt_mm config: registries, environment, logging, visualisation.
 default_scope = 'mmseg'
-custom_imports = dict(imports=['eomt_mm'], allow_failed_imports=False)
+# 'eomt_mm' registers the components; importing 'eomt_mm.engine.safe_checkpoint_install'
+# installs weights-only checkpoint loading and atomic checkpoint writes into mmengine (what it
+# changes: eomt_mm/engine/safe_checkpoint.py), also under mmseg's own tools/train.py.
+custom_imports = dict(
+    imports=['eomt_mm', 'eomt_mm.engine.safe_checkpoint_install'], allow_failed_imports=False)
 
 env_cfg = dict(
     cudnn_benchmark=True,

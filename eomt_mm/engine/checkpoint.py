@@ -1,57 +1,41 @@
-"""Weights-only checkpoint loading and atomic checkpoint writing for mmengine.
+"""Weights-only checkpoint loading for mmengine checkpoints.
 
-Why this module exists:
+mmengine 0.10.7 loads checkpoints with ``torch.load(filename)`` and no ``weights_only``
+argument. Since torch 2.6 that means ``weights_only=True`` (see the ``torch.load`` documentation,
+https://pytorch.org/docs/stable/generated/torch.load.html), and mmengine's own checkpoints then
+fail to load (``resume=True`` stops with ``Unsupported global ... HistoryBuffer``) because they
+pickle a few non-tensor objects into ``message_hub`` and ``meta``. Turning weights-only loading
+off would execute arbitrary pickles, so instead the globals that mmengine writes are allow-listed
+exactly (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on checkpoints
+written by ``Runner``/``CheckpointHook``) and every local checkpoint is loaded through
+``torch.load(..., weights_only=True)`` inside a scoped ``torch.serialization.safe_globals``
+context. Nothing is added to torch's process-wide allow-list.
 
-* mmengine 0.10.7 loads checkpoints with ``torch.load(filename)`` and no
-  ``weights_only`` argument. Since torch 2.6 that means ``weights_only=True``,
-  and mmengine's own checkpoints then fail to load (``resume=True`` stops with
-  ``Unsupported global ... HistoryBuffer``) because they pickle a few
-  non-tensor objects into ``message_hub`` and ``meta``. Turning weights-only
-  loading off would execute arbitrary pickles, so instead we allow-list
-  exactly the globals that mmengine writes (found with
-  ``torch.serialization.get_unsafe_globals_in_checkpoint`` on checkpoints
-  written by ``Runner``/``CheckpointHook``) and load every local checkpoint
-  through ``torch.load(..., weights_only=True)`` inside a scoped
-  ``torch.serialization.safe_globals`` context. Nothing is added to torch's
-  process-wide allow-list.
-* mmengine writes checkpoints through its ``LocalBackend.put``, which opens the
-  final file name with ``'wb'`` and streams into it: a crash, a full disk or a
-  kill in the middle leaves a truncated ``iter_N.pth`` (or a truncated
-  ``best_*.pth`` that replaced a good one). We register a ``LocalBackend``
-  subclass under mmengine's documented ``register_backend(..., force=True)``
-  mechanism whose ``put``/``put_text`` write a temporary file in the same
-  directory and ``os.replace`` it over the target, so a checkpoint file is
-  either the old complete one or the new complete one.
-* ``CheckpointHook`` then records the file's name in ``work_dir/last_checkpoint``
-  with a plain ``open(..., 'w')``; that write is made atomic the same way (see
-  :func:`_checkpoint_hook_open`).
-
-Everything is installed by :func:`install`, which runs when ``eomt_mm`` is
-imported (``eomt_mm.engine`` imports this module).
+This module only defines the loaders and has no side effect on import;
+:func:`eomt_mm.engine.safe_checkpoint.install_safe_checkpointing` registers them with mmengine's
+``CheckpointLoader``.
 """
 from __future__ import annotations
 
-import builtins
 import functools
-import io
 import os
 import os.path as osp
 import pickle
 import re
-import uuid
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging.history_buffer import HistoryBuffer
-from mmengine.runner.checkpoint import CheckpointLoader
 
 __all__ = [
-    'UnsafeCheckpointError', 'AtomicLocalBackend', 'MMENGINE_SAFE_GLOBALS',
-    'load_checkpoint_weights_only', 'install'
+    'UnsafeCheckpointError', 'MMENGINE_SAFE_GLOBALS', 'load_checkpoint_weights_only',
+    'load_from_local_weights_only', 'wrap_remote_loader', 'is_weights_only_loader'
 ]
+
+# Marks the loaders of this module (and wrapped ones), so wrapping twice is a no-op.
+_WEIGHTS_ONLY_MARK = '_eomt_mm_weights_only'
 
 # HistoryBuffer.__getstate__ stores its class-level ``_statistics_methods``
 # dict, whose values are the functions ``HistoryBuffer.min`` etc. Pickle
@@ -286,7 +270,7 @@ def load_checkpoint_weights_only(filename: Union[str, Path],
                 f'checkpoint (truncated or corrupt?): {err}') from err
 
 
-def _wrap_remote_loader(loader: Callable) -> Callable:
+def wrap_remote_loader(loader: Callable) -> Callable:
     """Run one of mmengine's non-local loaders with the allow-list in scope.
 
     Those loaders download or stream the file and call ``torch.load`` without
@@ -300,7 +284,7 @@ def _wrap_remote_loader(loader: Callable) -> Callable:
     Returns:
         The wrapped loader (keeps the name mmengine logs).
     """
-    if getattr(loader, '_eomt_mm_weights_only', False):
+    if is_weights_only_loader(loader):
         return loader
 
     @functools.wraps(loader)
@@ -316,7 +300,7 @@ def _wrap_remote_loader(loader: Callable) -> Callable:
                     filename, _offending_globals('', str(err)),
                     str(err)) from None
 
-    setattr(wrapped, '_eomt_mm_weights_only', True)
+    setattr(wrapped, _WEIGHTS_ONLY_MARK, True)
     return wrapped
 
 
@@ -337,133 +321,16 @@ def load_from_local_weights_only(filename: str,
     return load_checkpoint_weights_only(filename, map_location)
 
 
-setattr(load_from_local_weights_only, '_eomt_mm_weights_only', True)
+setattr(load_from_local_weights_only, _WEIGHTS_ONLY_MARK, True)
 
 
-def _atomic_write(filepath: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``filepath`` so readers never see a partial file.
-
-    The temporary file lives in the target directory (``os.replace`` is only
-    atomic within one file system) and is created with ``os.open(..., 0o666)``
-    so the final file gets the usual umask-derived permissions, as mmengine's
-    plain ``open(..., 'wb')`` would give.
+def is_weights_only_loader(loader: Callable) -> bool:
+    """Whether ``loader`` is one of this module's loaders or wrapped by :func:`wrap_remote_loader`.
 
     Args:
-        filepath: Final path.
-        data: Bytes to write.
+        loader: A loader registered with mmengine's ``CheckpointLoader``.
+
+    Returns:
+        True for :func:`load_from_local_weights_only` and wrapped remote loaders.
     """
-    filepath = str(filepath)
-    directory = osp.dirname(osp.abspath(filepath))
-    os.makedirs(directory, exist_ok=True)
-    tmp = osp.join(
-        directory,
-        f'.{osp.basename(filepath)}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filepath)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-class AtomicLocalBackend(LocalBackend):
-    """mmengine's local file backend with atomic ``put`` and ``put_text``.
-
-    Registered as mmengine's ``'local'`` backend (prefix ``''``), which is what
-    ``mmengine.runner.checkpoint.save_checkpoint`` uses for local paths.
-    All reading methods are inherited unchanged.
-    """
-
-    def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
-        """Atomically write bytes to ``filepath`` (creating its directory).
-
-        Args:
-            obj: Data to be written.
-            filepath: Path to write data.
-        """
-        _atomic_write(filepath, obj)
-
-    def put_text(self, obj: str, filepath: Union[str, Path],
-                 encoding: str = 'utf-8') -> None:
-        """Atomically write text to ``filepath`` (creating its directory).
-
-        Args:
-            obj: Text to be written.
-            filepath: Path to write data.
-            encoding: Text encoding.
-        """
-        _atomic_write(filepath, obj.encode(encoding))
-
-
-class _AtomicTextFile(io.StringIO):
-    """Text buffer that replaces ``path`` atomically when closed (not when a ``with`` block
-    that wrote it raised: then the old file stays)."""
-
-    def __init__(self, path: str, encoding: Optional[str]) -> None:
-        super().__init__()
-        self._path = path
-        self._encoding = encoding or 'utf-8'
-        self._discard = False
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        data = None if self._discard else self.getvalue().encode(self._encoding)
-        # Closed first: a failed write must not be retried when the buffer is collected.
-        super().close()
-        if data is not None:
-            _atomic_write(self._path, data)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._discard = exc_type is not None
-        self.close()
-
-
-def _checkpoint_hook_open(file: Any, mode: str = 'r', *args: Any, **kwargs: Any) -> Any:
-    """``open`` as seen by mmengine's ``checkpoint_hook`` module.
-
-    ``CheckpointHook`` records the newest checkpoint in ``work_dir/last_checkpoint`` with a
-    plain ``open(path, 'w')``, which truncates the file before writing it: a process killed
-    in between leaves it empty, and ``--resume`` then fails with "Checkpoint file '' does not
-    exist" although every checkpoint is intact (found by ``tools/benchmark/soak.py``). Text
-    writes from that module go through :func:`_atomic_write` instead; anything else is the
-    builtin ``open``.
-    """
-    if isinstance(file, (str, Path)) and mode in ('w', 'wt'):
-        return _AtomicTextFile(str(file), kwargs.get('encoding'))
-    return builtins.open(file, mode, *args, **kwargs)
-
-
-def install() -> None:
-    """Install weights-only loading and atomic saving into mmengine.
-
-    Idempotent. Replaces the local-path checkpoint loader (prefix ``''``),
-    wraps mmengine's other registered loaders, registers
-    :class:`AtomicLocalBackend` as the ``'local'`` file backend, and makes
-    ``CheckpointHook``'s ``last_checkpoint`` record atomic.
-    """
-    for prefix, loader in list(CheckpointLoader._schemes.items()):
-        if prefix == '':
-            continue
-        CheckpointLoader.register_scheme(
-            prefixes=prefix, loader=_wrap_remote_loader(loader), force=True)
-    CheckpointLoader.register_scheme(
-        prefixes='', loader=load_from_local_weights_only, force=True)
-
-    register_backend('local', AtomicLocalBackend, force=True, prefixes='')
-    from mmengine.hooks import checkpoint_hook
-    checkpoint_hook.open = _checkpoint_hook_open
-    # get_file_backend(enable_singleton=True) caches instances; drop plain
-    # LocalBackends created before this import so they are rebuilt as ours.
-    from mmengine.fileio import io as mm_io
-    for key, backend in list(mm_io.backend_instances.items()):
-        if type(backend) is LocalBackend:
-            del mm_io.backend_instances[key]
-
-
-install()
+    return bool(getattr(loader, _WEIGHTS_ONLY_MARK, False))

@@ -43,8 +43,9 @@ def warn_single_kept_checkpoint(cfg: Config) -> bool:
 
     mmengine's ``CheckpointHook`` deletes the oldest kept checkpoint *before* writing the new
     one; with ``max_keep_ckpts=1`` that is the only checkpoint, so a run killed during a save
-    is left with none to resume from (found by ``tools/benchmark/soak.py``). Writes are atomic
-    here, so with 2 or more kept the previous one always survives.
+    is left with none to resume from (found by killing training runs at random moments).
+    With safe checkpointing installed (:mod:`eomt_mm.engine.safe_checkpoint`) writes are
+    atomic, so with 2 or more kept the previous one always survives.
 
     Args:
         cfg: A complete experiment config.

@@ -1,11 +1,12 @@
-"""Weight conversion and ViT resampling helpers (no model imports at module level)."""
+"""Leaf helpers used across the package: ViT resampling, atomic file writes, model unwrapping.
+
+Nothing here imports another part of ``eomt_mm``.
+"""
+from .io import atomic_write, atomic_write_bytes, stale_temp_files, temp_name_for
+from .model import unwrap_model
 from .resample import resample_patch_kernel, resize_pos_embed_grid
-from .weight_converters import (DECODER_KEY_MAP, FORMATS, CheckpointConversionError,
-                                convert_file, convert_state_dict, load_source_state_dict,
-                                save_converted)
 
 __all__ = [
-    'resample_patch_kernel', 'resize_pos_embed_grid', 'DECODER_KEY_MAP', 'FORMATS',
-    'CheckpointConversionError', 'convert_file', 'convert_state_dict', 'load_source_state_dict',
-    'save_converted'
+    'atomic_write', 'atomic_write_bytes', 'stale_temp_files', 'temp_name_for', 'unwrap_model',
+    'resample_patch_kernel', 'resize_pos_embed_grid'
 ]

@@ -27,8 +27,8 @@ import torch.nn as nn
 from mmengine.hooks import Hook
 from mmseg.registry import HOOKS
 
-from eomt_mm.lora.adapters import (fingerprints_match, frozen_base_keys,
-                                   tensor_fingerprint, unwrap_model)
+from eomt_mm.lora.adapters import fingerprints_match, frozen_base_keys, tensor_fingerprint
+from eomt_mm.utils.model import unwrap_model
 
 __all__ = [
     'LoRACheckpointHook', 'ADAPTER_ONLY_META_KEY', 'frozen_base_keys',

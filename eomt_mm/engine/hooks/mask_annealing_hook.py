@@ -13,8 +13,9 @@ from fractions import Fraction
 from typing import List, Optional, Sequence, Tuple
 
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
+
+from eomt_mm.utils.model import unwrap_model
 
 
 def _round_half_up(value: Fraction) -> int:
@@ -104,9 +105,7 @@ class MaskAnnealingHook(Hook):
 
     @staticmethod
     def _decoder(runner):
-        model = runner.model
-        if is_model_wrapper(model):
-            model = model.module
+        model = unwrap_model(runner.model)
         decoder = getattr(model, 'decoder', None)
         if decoder is None or not hasattr(decoder, 'attn_mask_probs'):
             raise TypeError(f'MaskAnnealingHook needs a model with decoder.attn_mask_probs '

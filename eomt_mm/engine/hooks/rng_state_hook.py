@@ -132,7 +132,7 @@ class RNGStateHook(Hook):
             checkpoint: The loaded checkpoint dict.
         """
         if not runner._resume or _KEY not in checkpoint:
-            # load_from without resume starts a new run: keep the seed's RNG.
+            # load_from without resume starts a new run: keep the RNG that randomness.seed set.
             return
         states = checkpoint[_KEY]
         if len(states) != get_world_size():

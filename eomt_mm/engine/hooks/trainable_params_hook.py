@@ -5,10 +5,10 @@ from typing import Dict
 
 import torch.nn as nn
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
 
 from eomt_mm.lora import count_parameters
+from eomt_mm.utils.model import unwrap_model
 
 __all__ = ['TrainableParamsHook', 'format_parameter_counts']
 
@@ -38,8 +38,7 @@ def format_parameter_counts(model: nn.Module, by_child: bool = True) -> str:
         str: e.g. ``'params: total 86,389,248 | trainable 1,179,648 (1.3655%) | lora
         1,179,648 | trainable by module: backbone=1,179,648'``.
     """
-    if is_model_wrapper(model):
-        model = model.module
+    model = unwrap_model(model)
     c = count_parameters(model)
     line = (f'params: total {c["total"]:,} | trainable {c["trainable"]:,} '
             f'({c["trainable_pct"]:.4f}%) | lora {c["lora"]:,}')
@@ -64,7 +63,7 @@ class TrainableParamsHook(Hook):
         self.by_child = bool(by_child)
 
     def before_train(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = unwrap_model(runner.model)
         runner.logger.info(format_parameter_counts(model, by_child=self.by_child))
         if count_parameters(model)['trainable'] == 0:
             runner.logger.warning('TrainableParamsHook: the model has no trainable '

@@ -1,0 +1,179 @@
+"""What every weight converter shares: the error, the report, reading sources, writing results.
+
+A converter family (one module per backbone family, e.g. :mod:`eomt_mm.converters.dinov2`)
+turns source weights into this project's state-dict names; :mod:`eomt_mm.converters.formats`
+lists which source format uses which family. This module knows no model.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from eomt_mm.utils.io import atomic_write
+
+__all__ = [
+    'StateDict', 'FORMAT_VERSION', 'CheckpointConversionError', 'ConversionReport',
+    'BackboneFamily', 'load_source_state_dict', 'save_converted', 'strip_prefix', 'rename_keys'
+]
+
+StateDict = Dict[str, torch.Tensor]
+
+#: Version of the written ``{'state_dict', 'meta'}`` layout (``meta['format_version']``).
+FORMAT_VERSION = 1
+
+
+class CheckpointConversionError(ValueError):
+    """A checkpoint does not fit the requested format / architecture."""
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, for printing and for tests.
+
+    Args:
+        mapped: ``(source key, written key)`` pairs.
+        skipped: ``(source key, reason)`` pairs of source tensors deliberately not written.
+        notes: Other changes (folded, fused, resampled tensors).
+    """
+    mapped: List[Tuple[str, str]] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        """The report as printed by ``tools/convert_weights.py``.
+
+        Returns:
+            One line per mapped / skipped tensor and per note.
+        """
+        lines = [f'mapped {len(self.mapped)} tensors:']
+        lines += [f'  {src} -> {dst}' for src, dst in self.mapped]
+        if self.skipped:
+            lines.append(f'skipped {len(self.skipped)} tensors:')
+            lines += [f'  {src}: {why}' for src, why in self.skipped]
+        lines += [f'note: {n}' for n in self.notes]
+        return '\n'.join(lines)
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How one backbone family's weights become this project's backbone weights.
+
+    Args:
+        name: The family (``'DINOv2'``), as printed in errors.
+        inspect: ``inspect(weights, report, arch) -> info``: infer the architecture from the
+            family's intermediate weight names, check it against the named ``arch`` preset
+            (None: no check) and return a dict with at least ``embed_dims`` and
+            ``patch_size``.
+        convert: ``convert(weights, info, report, patch_size, img_size) -> (state_dict,
+            meta)``: resample / rename into ``backbone.``-prefixed keys of the project's
+            backbone, checked against that backbone; ``meta`` describes it (written as
+            ``meta['backbone']``).
+    """
+    name: str
+    inspect: Callable[[StateDict, ConversionReport, Optional[str]], dict]
+    convert: Callable[..., Tuple[StateDict, dict]]
+
+
+def load_source_state_dict(path: str) -> StateDict:
+    """Read a checkpoint file without arbitrary unpickling.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``. A top-level ``state_dict`` / ``model`` / ``teacher``
+    entry (Lightning, mmengine, DINOv2 training checkpoints) is unwrapped.
+
+    Args:
+        path: The source file.
+
+    Returns:
+        Its state dict (every value a tensor).
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+        CheckpointConversionError: If the file cannot be read weights-only or holds no state
+            dict of tensors.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:  # optional dependency, needed for this file type only
+            raise ImportError('reading .safetensors needs the safetensors package '
+                              '(pip install safetensors)') from exc
+        obj = load_file(path, device='cpu')
+    else:
+        try:
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as exc:
+            raise CheckpointConversionError(
+                f'{path} cannot be read with torch.load(weights_only=True) ({exc}). Checkpoints '
+                f'are never unpickled with arbitrary code; re-save its state_dict only, e.g. '
+                f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path) in a "
+                f'trusted environment.') from exc
+    for key in ('state_dict', 'model', 'teacher'):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointConversionError(f'{path} does not contain a state dict')
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointConversionError(f'{path}: non-tensor entries {bad[:10]} in the state dict')
+    return dict(obj)
+
+
+def save_converted(path: str, state_dict: StateDict, meta: dict) -> None:
+    """Write ``{'state_dict', 'meta'}`` atomically (see :func:`eomt_mm.utils.io.atomic_write`).
+
+    Args:
+        path: Output file; an existing one is replaced only by a complete new file.
+        state_dict: The converted weights.
+        meta: The conversion metadata (plain Python values, weights-only loadable).
+    """
+    payload = {'state_dict': {k: v.contiguous() for k, v in state_dict.items()}, 'meta': meta}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
+    """The entries whose key starts with ``prefix``, with the prefix removed.
+
+    Args:
+        state_dict: Weights.
+        prefix: Key prefix.
+
+    Returns:
+        The selected, renamed entries.
+    """
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def rename_keys(state_dict: StateDict, rules: Sequence[Tuple[str, str]],
+                report: Optional[ConversionReport] = None,
+                report_prefix: str = '') -> Tuple[StateDict, List[str]]:
+    """Rename keys by the first full-match regex rule (``re.sub`` replacement syntax).
+
+    Args:
+        state_dict: Weights to rename.
+        rules: ``(pattern, replacement)`` pairs, tried in order.
+        report: Where to record ``(old, report_prefix + new)`` pairs; None records nothing.
+        report_prefix: Prefix of the recorded new names (e.g. ``'backbone.'``).
+
+    Returns:
+        ``(renamed, unmatched keys)``.
+    """
+    out, unmatched = {}, []
+    for key, value in state_dict.items():
+        for pattern, target in rules:
+            if re.fullmatch(pattern, key):
+                new = re.sub(f'^{pattern}$', target, key)
+                out[new] = value
+                if report is not None:
+                    report.mapped.append((key, report_prefix + new))
+                break
+        else:
+            unmatched.append(key)
+    return out, unmatched
