@@ -19,20 +19,19 @@ Internal checkpoint format = this module's own ``state_dict`` keys. Loading a st
 patch kernel or position grid differs from the module resamples them (logged); any other shape or
 layer-count mismatch raises ``ValueError`` instead of being skipped with a warning.
 """
-import math
 import os
-import re
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.logging import MMLogger
 from mmengine.model.weight_init import trunc_normal_
 from mmpretrain.models import VisionTransformer
 from mmseg.registry import MODELS
 
-from eomt_mm.utils.resample import resample_patch_kernel, resize_pos_embed_grid
+from eomt_mm.utils.resample import resize_pos_embed_grid
+
+from .dinov2_loading import fit_dinov2_state_dict
 
 _DINOV2_ARCHS = {
     's': dict(embed_dims=384, num_layers=12, num_heads=6, feedforward_channels=1536),
@@ -377,55 +376,6 @@ class DINOv2(VisionTransformer):
     def _prepare_pos_embed(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         """Adapt a state dict in this module's format before loading; refuse ones that don't fit.
 
-        Resizes a square patch-only ``pos_embed`` to this module's grid and resamples a patch
-        kernel of another size; raises ``ValueError`` for a CLS-inclusive table, another layer
-        count, missing/unexpected register tokens or any other shape mismatch (mmengine would
-        otherwise only warn and keep the random weights).
+        See :func:`eomt_mm.models.backbones.dinov2_loading.fit_dinov2_state_dict`.
         """
-        if not any(k.startswith(prefix) for k in state_dict):
-            return
-        logger = MMLogger.get_current_instance()
-        problems = []
-        name = prefix + 'pos_embed'
-        src = state_dict.get(name)
-        if (src is not None and src.shape != self.pos_embed.shape and src.ndim == 3
-                and src.shape[-1] == self.embed_dims):
-            side = math.isqrt(src.shape[1])
-            if side * side == src.shape[1]:
-                logger.info(f'Resize {name} from {side}x{side} to {self.patch_resolution}')
-                state_dict[name] = resize_pos_embed_grid(
-                    src, (side, side), self.patch_resolution, self.interpolate_mode,
-                    self.pos_embed_antialias)
-            elif math.isqrt(src.shape[1] - 1) ** 2 == src.shape[1] - 1:
-                problems.append(f'{name} {tuple(src.shape)} includes a CLS position (Meta '
-                                f'layout): convert it with tools/convert_weights.py first')
-        name = prefix + 'patch_embed.projection.weight'
-        own_kernel = self.patch_embed.projection.weight
-        if (name in state_dict and state_dict[name].ndim == 4
-                and state_dict[name].shape[:2] == own_kernel.shape[:2]
-                and state_dict[name].shape[2:] != own_kernel.shape[2:]):
-            logger.info(f'Resample {name} from {tuple(state_dict[name].shape[2:])} to '
-                        f'{tuple(own_kernel.shape[2:])}')
-            state_dict[name] = resample_patch_kernel(state_dict[name], own_kernel.shape[2:])
-
-        layer_re = re.compile(re.escape(prefix) + r'layers\.(\d+)\.')
-        ckpt_layers = {int(m.group(1)) for k in state_dict if (m := layer_re.match(k))}
-        if ckpt_layers and ckpt_layers != set(range(self.num_layers)):
-            problems.append(f'checkpoint has layers {min(ckpt_layers)}..{max(ckpt_layers)} '
-                            f'({len(ckpt_layers)}), this model has {self.num_layers}')
-        reg = prefix + 'register_tokens'
-        if (reg in state_dict) != (self.register_tokens is not None):
-            problems.append(f'checkpoint {"has" if reg in state_dict else "lacks"} register_tokens '
-                            f'but the model has num_register_tokens={self.num_register_tokens}')
-        own = dict(self.named_parameters())
-        own.update(self.named_buffers())
-        for key, value in own.items():
-            full = prefix + key
-            if full in state_dict and tuple(state_dict[full].shape) != tuple(value.shape):
-                problems.append(f'{full}: checkpoint {tuple(state_dict[full].shape)} vs model '
-                                f'{tuple(value.shape)}')
-        if problems:
-            raise ValueError(f'checkpoint does not fit DINOv2(arch={self.arch_name!r}, '
-                             f'embed_dims={self.embed_dims}, num_layers={self.num_layers}, '
-                             f'ffn_type={self.ffn_type!r}): ' + '; '.join(problems[:10])
-                             + (f'; ... ({len(problems)} problems)' if len(problems) > 10 else ''))
+        fit_dinov2_state_dict(self, state_dict, prefix)

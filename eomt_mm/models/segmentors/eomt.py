@@ -68,8 +68,9 @@ class EoMT(BaseSegmentor):
             during training: an int ``n`` = the first ``n`` blocks (0, the default, = off; at
             most the backbone depth), or ``'frozen'`` = every block before the first query
             block (``torch.utils.checkpoint.checkpoint(use_reentrant=False)``). A checkpointed
-            block keeps only its input for backward and recomputes the rest. Never used at inference or when autograd is off. Non-reentrant because
-            reentrant checkpointing gives the LoRA matrices of a frozen base no gradients; the
+            block keeps only its input for backward and recomputes the rest. Never used at
+            inference or when autograd is off. Non-reentrant because reentrant checkpointing
+            gives the LoRA matrices of a frozen base no gradients; the
             RNG state is restored for the recomputation, so LoRA dropout redraws the same masks.
             (Where nothing upstream trains, autograd records no graph there at all and
             checkpointing saves nothing.)
