@@ -1,4 +1,4 @@
-# The seed's LoRA experiment (eomt_lora_b640.py) with activation checkpointing: same gradients,
+# The LoRA fine-tuning experiment (eomt_lora_b640.py) with activation checkpointing: same gradients,
 # lower peak training memory, more compute per step (README, "Performance").
 #
 # | what          | value                                                              |

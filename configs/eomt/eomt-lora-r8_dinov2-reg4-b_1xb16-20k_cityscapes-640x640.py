@@ -1,5 +1,5 @@
-# The seed's experiment: EoMT, DINOv2-reg4 ViT-B/16 at 640, Cityscapes, LoRA rank 8 / alpha 16 /
-# dropout 0.1 on qkv, proj, fc1, fc2 with the pretrained backbone frozen.
+# The LoRA fine-tuning experiment: EoMT, DINOv2-reg4 ViT-B/16 at 640, Cityscapes, LoRA rank 8 /
+# alpha 16 / dropout 0.1 on qkv, proj, fc1, fc2 with the pretrained backbone frozen.
 #
 # | what            | value                                                                  |
 # |-----------------|------------------------------------------------------------------------|

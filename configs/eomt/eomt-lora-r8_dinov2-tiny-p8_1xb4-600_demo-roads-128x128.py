@@ -22,6 +22,8 @@ _base_ = [
 crop_size = (128, 128)
 max_iters = 600
 model = dict(
+    # The anomaly-enabled EoMT: same weights, plus anomaly score maps in its predictions.
+    type='AnomalyEoMT',
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
         arch=dict(

@@ -1,4 +1,5 @@
-# EoMT on a DINOv2-with-registers ViT-B/16 (eomt.md): 12 blocks, queries enter before the last 3.
+# EoMT ("Your ViT is Secretly an Image Segmentation Model", CVPR 2025; tue-mps/eomt) on a
+# DINOv2-with-registers ViT-B/16: 12 blocks, queries enter before the last 3.
 # Pretrained weights: `python tools/convert_weights.py dinov2_vitb14_reg4_pretrain.pth
 #   checkpoints/dinov2_vitb14_reg4_to_p16.pth --format meta-dinov2 --patch-size 16`
 # (the 14x14 patch kernel is resampled to 16x16 once, as in the reference).

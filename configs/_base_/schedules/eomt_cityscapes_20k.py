@@ -1,7 +1,8 @@
-# The reference Cityscapes recipe (eomt.md): 107 epochs of 2,975 images at a total batch of 16
-# = 19,902 iterations. AdamW 1e-4, weight decay 0.05, layer-wise lr decay 0.8, gradient clipping
-# at norm 0.01, poly(0.9) with the two-stage warm-up (heads 500 iterations; backbone at lr 0 for
-# 500, then warming up over 1,000), masked attention annealed over the middle 4/6 of training.
+# The reference Cityscapes recipe (tue-mps/eomt, its Cityscapes semantic EoMT-L 1024 config):
+# 107 epochs of 2,975 images at a total batch of 16 = 19,902 iterations. AdamW 1e-4, weight decay
+# 0.05, layer-wise lr decay 0.8, gradient clipping at norm 0.01, poly(0.9) with the two-stage
+# warm-up (heads 500 iterations; backbone at lr 0 for 500, then warming up over 1,000), masked
+# attention annealed over the middle 4/6 of training.
 max_iters = 19902
 optim_wrapper = dict(
     type='OptimWrapper',
