@@ -12,6 +12,7 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+HAS_H5PY = importlib.util.find_spec('h5py') is not None
 
 MODEL_CFG = """
 default_scope = 'mmseg'
@@ -43,6 +44,8 @@ test_dataloader = dict(batch_size=2, num_workers=0, sampler=dict(type='DefaultSa
                        shuffle=False),
                        dataset=dict(type='{type}', data_root='{root}', pipeline=test_pipeline))
 test_evaluator = dict(type='AnomalyMetric', score_names=['msp'], track='obstacle')
+dataset_split = 'validation'
+{extra}
 """
 
 
@@ -76,7 +79,8 @@ def test_eval_tool_prints_one_table(tmp_path, capsys):
         root = tmp_path / name
         _folder(root, value)
         ds_cfg = tmp_path / f'anomaly_{name}.py'
-        ds_cfg.write_text(DATASET_CFG.format(type=dtype, root=root))
+        extra = "smiyc_submission_name = 'AnomalyTrack-all'" if name == 'ra21' else ''
+        ds_cfg.write_text(DATASET_CFG.format(type=dtype, root=root, extra=extra))
         specs.append(f'{name}={ds_cfg}')
 
     spec = importlib.util.spec_from_file_location('eval_anomaly',
@@ -84,25 +88,49 @@ def test_eval_tool_prints_one_table(tmp_path, capsys):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out_dir = tmp_path / 'out'
-    results = tool.main([str(cfg_path), str(ckpt), '--datasets', *specs, '--scores', 'msp',
-                         'rba', '--out-dir', str(out_dir), '--component-metrics',
-                         '--show-dir', str(tmp_path / 'vis'), '--show-score', 'rba',
-                         '--max-show', '2'])
+    submission = tmp_path / 'smiyc'
+    (submission / 'old').mkdir(parents=True)
+    base_args = [str(cfg_path), str(ckpt), '--datasets', *specs, '--scores', 'msp', 'rba',
+                 '--out-dir', str(out_dir), '--component-metrics', '--protocol', 'exact',
+                 'smiyc']
+    if HAS_H5PY:  # the submission writer's optional dependency (extra 'smiyc')
+        base_args += ['--smiyc-submission', str(submission), '--smiyc-score', 'rba']
+        # A submission folder that is not empty is refused before anything is inferred.
+        with pytest.raises(FileExistsError, match='not empty'):
+            tool.main(base_args)
+        assert not out_dir.exists()
+        (submission / 'old').rmdir()
+    results = tool.main(base_args + ['--show-dir', str(tmp_path / 'vis'), '--show-score', 'rba',
+                                     '--max-show', '2'])
     assert set(results) == {'ra21', 'ra'}
     for metrics in results.values():
         for score in ('msp', 'rba'):
-            assert 0 <= metrics[f'{score}/AuPRC'] <= 100
-            assert 0 <= metrics[f'{score}/AUROC'] <= 100
-            assert f'{score}/mean_F1' in metrics
+            for key in (f'{score}/AuPRC', f'{score}/AUROC', f'smiyc/{score}/AuPRC'):
+                assert 0 <= metrics[key] <= 100
+            assert f'{score}/mean_F1' in metrics and f'smiyc/{score}/mean_F1' in metrics
     printed = capsys.readouterr().out
     assert 'dataset' in printed and 'ra21' in printed and 'AuPRC' in printed
+    if HAS_H5PY:
+        assert 'AnomalyTrack-all: 3 frames' in printed and 'Upload' in printed
+        assert 'ra is not a SegmentMeIfYouCan dataset' in printed
     with open(out_dir / 'anomaly.csv') as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ['dataset', 'score', 'AuPRC', 'FPR95', 'AUROC', 'sIoU', 'PPV', 'mean_F1']
-    assert [r[:2] for r in rows[1:]] == [['ra21', 'msp'], ['ra21', 'rba'], ['ra', 'msp'],
-                                         ['ra', 'rba']]
+    assert rows[0] == ['protocol', 'dataset', 'split', 'score', 'frames', 'labelled_pixels',
+                       'AuPRC', 'FPR95', 'AUROC', 'sIoU', 'PPV', 'mean_F1']
+    # One inference per dataset, one row per protocol x score; frames and labelled pixels.
+    assert [r[:4] for r in rows[1:]] == [
+        [p, d, 'validation', s] for d in ('ra21', 'ra') for p in ('exact', 'smiyc')
+        for s in ('msp', 'rba')]
+    assert all(r[4] == '3' and r[5] == str(3 * 28 * 40) for r in rows[1:])
     table = json.loads((out_dir / 'anomaly.json').read_text())
     assert table[0]['AuPRC'] == pytest.approx(results['ra21']['msp/AuPRC'])
+    assert table[2]['AuPRC'] == pytest.approx(results['ra21']['smiyc/msp/AuPRC'])
+    if HAS_H5PY:
+        from eomt_mm.anomaly.smiyc.submission import read_submission_frame
+        folder = submission / 'anomaly_p' / 'tiny_eomt' / 'AnomalyTrack-all'
+        assert sorted(p.name for p in folder.iterdir()) == ['f0.hdf5', 'f1.hdf5', 'f2.hdf5']
+        stored = read_submission_frame(str(folder / 'f0.hdf5'))
+        assert stored.dtype == np.float16 and stored.shape == (32, 40)
     pictures = sorted(p.name for p in (tmp_path / 'vis' / 'ra').iterdir())
     assert pictures == ['f0_rba.png', 'f1_rba.png']
     picture = cv2.imread(str(tmp_path / 'vis' / 'ra' / 'f0_rba.png'))
@@ -111,3 +139,7 @@ def test_eval_tool_prints_one_table(tmp_path, capsys):
     assert (gt_panel[8:16, 8:20] == 255).all() and (gt_panel[-4:] == 128).all()
     with pytest.raises(FileNotFoundError, match='known names'):
         tool.main([str(cfg_path), str(ckpt), '--datasets', 'nonexistent'])
+    for bad in (['--protocol', 'leaderboard'], ['--track', 'lane']):
+        with pytest.raises(SystemExit):
+            tool.main([str(cfg_path), str(ckpt), '--datasets', *specs] + bad)
+    assert 'invalid choice' in capsys.readouterr().err

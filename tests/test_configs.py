@@ -13,6 +13,7 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import HOOKS, PARAM_SCHEDULERS, init_default_scope
 from mmseg.registry import MODELS
 
+from eomt_mm.engine.amp import fall_back_to_fp32_on_cpu
 from eomt_mm.lora import LoRALinear
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
@@ -36,6 +37,8 @@ def test_config_builds(path):
     assert cfg.default_scope == 'mmseg'
     init_default_scope(cfg.default_scope)
     model = MODELS.build(cfg.model)
+    # As tools/train.py does: an AMP config (the RbA recipe) trains in fp32 without a GPU.
+    fall_back_to_fp32_on_cpu(cfg)
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     schedulers = [
         PARAM_SCHEDULERS.build(dict(s), default_args=dict(optimizer=optim_wrapper))
@@ -62,7 +65,9 @@ def test_config_builds(path):
     lora_layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     if lora_cfg and lora_cfg.get('enabled', True):
         assert lora_layers
-        assert all(m.lora_A.requires_grad and not m.weight.requires_grad for m in lora_layers)
+        train_adapters = lora_cfg.get('train_adapters', True)
+        assert all(m.lora_A.requires_grad == train_adapters and not m.weight.requires_grad
+                   for m in lora_layers)
     else:
         assert not lora_layers
         assert all(p.requires_grad for p in model.parameters())

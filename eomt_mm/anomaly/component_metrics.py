@@ -1,7 +1,9 @@
 """SegmentMeIfYouCan component-level metrics: sIoU, PPV and mean F1.
 
-Follows the definitions of the SegmentMeIfYouCan benchmark (Chan et al., 2021) as summarised in
-``shared/reference/anomaly.md``:
+The exact protocol's component metrics, with the definitions of the SegmentMeIfYouCan benchmark
+(Chan et al., NeurIPS 2021 Datasets and Benchmarks; https://segmentmeifyoucan.com), evaluated at
+the exact pooled best-F1 threshold. (``protocol='smiyc'`` uses :mod:`.smiyc.components`, the
+benchmark evaluator's own variant, at its binned threshold.)
 
 * the score map is binarised with ``score > threshold`` (the pixel best-F1 threshold) inside the
   region of interest (label != 255);
@@ -28,8 +30,11 @@ from typing import Dict, Iterable, List
 import numpy as np
 from scipy import ndimage
 
-#: Size filters (predicted component min size, GT component min size) per track.
-TRACK_SIZE_FILTERS = {'anomaly': (500, 100), 'obstacle': (50, 10)}
+from .smiyc.components import TRACKS
+
+#: Size filters (predicted component min size, GT component min size) per track: the benchmark's
+#: one table.
+TRACK_SIZE_FILTERS = TRACKS
 #: The sIoU / PPV thresholds of the F1 average.
 F1_TAUS = np.linspace(0.25, 0.75, 11)
 

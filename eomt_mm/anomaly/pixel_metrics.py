@@ -21,16 +21,20 @@ function of ``tp(t) = #{positives >= t}`` and ``fp(t) = #{negatives >= t}``.
 With the negatives sorted once, ``#neg < v`` and ``#neg <= v`` are two ``searchsorted`` calls per
 distinct positive score. Positives and negatives are kept as two float32 arrays (no label array,
 no float64 copy of the pixels); the per-threshold work runs in bounded blocks.
+
+:func:`pooled_pixel_metrics` holds all pixels in memory: the reference. ``AnomalyMetric`` uses
+:mod:`.exact_store` instead (frames spilled to disk, merged in bounded chunks); both feed the
+same :class:`CurveAccumulator`, so they agree bit for bit.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
 # Distinct positive scores handled per block: bounds the int64 / float64 temporaries to a few MB
-# whatever the dataset size.
+# whatever the dataset size. Also fixes the summation order of AP (see CurveAccumulator).
 _BLOCK = 1 << 20
 
 
@@ -63,6 +67,91 @@ class PixelMetrics:
     num_pos: int
     num_neg: int
     tpr_level: float = 0.95
+
+
+class CurveAccumulator:
+    """Accumulates AP, AUROC, FPR at a TPR level and the best F1 over distinct positive scores.
+
+    The distinct positive scores ``v`` are fed in ascending order, in pieces of any size, each
+    with ``n_pos(v)``, ``tp(v) = #{positives >= v}``, ``#{negatives < v}`` and
+    ``#{negatives <= v}`` (see the module docstring for why these determine all metrics). The
+    pieces are regrouped into fixed blocks of ``_BLOCK`` consecutive distinct values counted
+    from the lowest one, so the floating-point sums depend only on the pooled pixels, never on
+    how a caller cut them (in-memory sort, merged chunks of spilled frames, any number of ranks):
+    every caller gets bit-identical results.
+
+    Args:
+        num_pos: number of anomaly pixels ``P``.
+        num_neg: number of inlier pixels ``N``.
+        tpr_level: TPR level of the FPR metric.
+    """
+
+    def __init__(self, num_pos: int, num_neg: int, tpr_level: float = 0.95) -> None:
+        if not 0.0 < tpr_level <= 1.0:
+            raise ValueError(f'tpr_level must be in (0, 1], got {tpr_level}')
+        self.num_pos, self.num_neg, self.tpr_level = int(num_pos), int(num_neg), tpr_level
+        self._pending: List[Tuple[np.ndarray, ...]] = []
+        self._pending_size = 0
+        self._ap_sum = 0.0
+        # 2 * Mann-Whitney U as an exact Python integer (each block sum is below P * N * 2).
+        self._auc_twice = 0
+        self._fpr_fp: Optional[int] = None  # fp at the highest value reaching the TPR level
+        self._best_f1, self._best_thr = -1.0, float('nan')
+
+    def add(self, values: np.ndarray, pos_count: np.ndarray, tp: np.ndarray,
+            neg_lt: np.ndarray, neg_le: np.ndarray) -> None:
+        """Feeds the next distinct positive scores (all above those fed before).
+
+        Args:
+            values: float32 distinct positive scores, ascending.
+            pos_count: int64 number of positives equal to each value.
+            tp: int64 number of positives >= each value.
+            neg_lt: int64 number of negatives < each value.
+            neg_le: int64 number of negatives <= each value.
+        """
+        if not len(values):
+            return
+        self._pending.append((values, pos_count, tp, neg_lt, neg_le))
+        self._pending_size += len(values)
+        if self._pending_size >= _BLOCK:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        joined = [np.concatenate(parts) for parts in zip(*self._pending)]
+        full = len(joined[0]) if final else len(joined[0]) // _BLOCK * _BLOCK
+        for lo in range(0, full, _BLOCK):
+            self._block(*(a[lo:min(lo + _BLOCK, full)] for a in joined))
+        rest = [a[full:] for a in joined]
+        self._pending = [tuple(rest)] if len(rest[0]) else []
+        self._pending_size = len(rest[0])
+
+    def _block(self, values, count, tp, neg_lt, neg_le) -> None:
+        n_pos = self.num_pos
+        fp = self.num_neg - neg_lt  # negatives >= value
+        self._ap_sum += float(np.sum(count / n_pos * (tp / (tp + fp))))
+        self._auc_twice += int(np.sum(count * neg_lt)) + int(np.sum(count * neg_le))
+        # tp(v) / P >= level is evaluated in float64 exactly as scikit-learn's tps / tps[-1].
+        reach = np.flatnonzero(tp / n_pos >= self.tpr_level)
+        if reach.size:  # ascending values: the last one reaching the level is the highest
+            self._fpr_fp = int(fp[reach[-1]])
+        f1 = 2.0 * tp / (tp + fp + n_pos)
+        i = int(np.argmax(f1))
+        if f1[i] > self._best_f1:  # strict: keep the lowest threshold among equal maxima
+            self._best_f1, self._best_thr = float(f1[i]), float(values[i])
+
+    def result(self) -> PixelMetrics:
+        """The metrics of everything fed so far (NaN where a class is empty)."""
+        self._flush(final=True)
+        n_pos, n_neg, nan = self.num_pos, self.num_neg, float('nan')
+        if n_pos == 0:
+            return PixelMetrics(nan, nan, nan, nan, nan, n_pos, n_neg, self.tpr_level)
+        auroc = self._auc_twice / (2.0 * n_pos * n_neg) if n_neg else nan
+        fpr = self._fpr_fp / n_neg if (n_neg and self._fpr_fp is not None) else nan
+        return PixelMetrics(auprc=self._ap_sum, fpr_at_tpr=fpr, auroc=auroc,
+                            best_f1=self._best_f1, best_f1_threshold=self._best_thr,
+                            num_pos=n_pos, num_neg=n_neg, tpr_level=self.tpr_level)
 
 
 def _check_scores(name: str, values: np.ndarray) -> np.ndarray:
@@ -146,42 +235,21 @@ def pooled_pixel_metrics(positives: np.ndarray, negatives: np.ndarray,
         pos.sort()
         neg.sort()
     n_pos, n_neg = int(pos.size), int(neg.size)
-    nan = float('nan')
+    curve = CurveAccumulator(n_pos, n_neg, tpr_level)
     if n_pos == 0:
-        return PixelMetrics(nan, nan, nan, nan, nan, n_pos, n_neg, tpr_level)
-
+        return curve.result()
     # Position of the first element of each run of equal positive scores (ascending order).
     starts = np.flatnonzero(np.concatenate(([True], pos[1:] != pos[:-1])))
-    ap_sum = 0.0
-    auc_twice = 0  # 2 * Mann-Whitney U, an exact integer
-    fpr_idx_fp = None  # fp count at the highest distinct score reaching the TPR level
-    best_f1, best_thr = -1.0, nan
-    # tp(v) / P >= level is evaluated in float64 exactly as scikit-learn's tps / tps[-1].
     for lo in range(0, starts.size, _BLOCK):
         first = starts[lo:lo + _BLOCK]
         stop = np.empty_like(first)
         stop[:-1] = first[1:]
         stop[-1] = starts[lo + _BLOCK] if lo + _BLOCK < starts.size else n_pos
-        count = stop - first  # positives tied at this score
         values = pos[first]
-        tp = n_pos - first  # positives >= value
-        neg_lt = np.searchsorted(neg, values, side='left')
-        neg_le = np.searchsorted(neg, values, side='right')
-        fp = n_neg - neg_lt  # negatives >= value
-        ap_sum += float(np.sum(count / n_pos * (tp / (tp + fp))))
-        auc_twice += int(np.sum(count * (neg_lt + neg_le)))
-        reach = np.flatnonzero(tp / n_pos >= tpr_level)
-        if reach.size:  # ascending values: the last one reaching the level is the highest
-            fpr_idx_fp = int(fp[reach[-1]])
-        f1 = 2.0 * tp / (tp + fp + n_pos)
-        i = int(np.argmax(f1))
-        if f1[i] > best_f1:  # strict: keep the lowest threshold among equal maxima
-            best_f1, best_thr = float(f1[i]), float(values[i])
-    auroc = auc_twice / (2.0 * n_pos * n_neg) if n_neg else nan
-    fpr = fpr_idx_fp / n_neg if (n_neg and fpr_idx_fp is not None) else nan
-    return PixelMetrics(auprc=ap_sum, fpr_at_tpr=fpr, auroc=auroc, best_f1=best_f1,
-                        best_f1_threshold=best_thr, num_pos=n_pos, num_neg=n_neg,
-                        tpr_level=tpr_level)
+        curve.add(values, stop - first, n_pos - first,
+                  np.searchsorted(neg, values, side='left'),
+                  np.searchsorted(neg, values, side='right'))
+    return curve.result()
 
 
 def pixel_metrics_from_arrays(scores: np.ndarray, labels: np.ndarray,

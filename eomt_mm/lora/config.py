@@ -57,6 +57,10 @@ class LoRAConfig:
         adapter_enabled (bool): The config switch of ``disable_adapters``: False builds the
             adapted model (LoRA keys still load from a checkpoint) with every adapter
             switched off, so it computes the base model's outputs. Defaults to True.
+        train_adapters (bool): Whether the LoRA matrices train. False keeps the adapters
+            (e.g. loaded from a LoRA-trained checkpoint) but frozen, so that only
+            ``trainable_modules`` and the modules outside the base train (RbA's released
+            outlier-exposure recipe trains the mask MLP only). Defaults to True.
     """
 
     enabled: bool = True
@@ -76,10 +80,11 @@ class LoRAConfig:
     trainable_modules: List[str] = field(default_factory=list)
     trainable_norms: bool = True
     adapter_enabled: bool = True
+    train_adapters: bool = True
 
     def __post_init__(self) -> None:
         for key in ('enabled', 'freeze_base_model', 'use_rslora', 'trainable_norms',
-                    'adapter_enabled'):
+                    'adapter_enabled', 'train_adapters'):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f'lora_config.{key} must be a bool, got '
                                  f'{getattr(self, key)!r}')

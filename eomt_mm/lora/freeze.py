@@ -72,7 +72,7 @@ def freeze_from_config(model: nn.Module, cfg: LoRAConfig) -> List[str]:
     Args:
         model (nn.Module): The model (LoRA already injected), modified in place.
         cfg (LoRAConfig): The validated config; its ``base_prefixes``,
-            ``trainable_modules`` and ``trainable_norms`` are used.
+            ``trainable_modules``, ``trainable_norms`` and ``train_adapters`` are used.
 
     Returns:
         list[str]: Names of the parameters now frozen.
@@ -98,7 +98,9 @@ def freeze_from_config(model: nn.Module, cfg: LoRAConfig) -> List[str]:
         for pname, param in module.named_parameters(recurse=False):
             full = f'{mod_name}.{pname}' if mod_name else pname
             if isinstance(module, LoRALinear) and pname in _LORA_PARAMS:
-                param.requires_grad_(True)
+                param.requires_grad_(cfg.train_adapters)
+                if not cfg.train_adapters:
+                    frozen.append(full)
                 continue
             if not under_prefixes(full, prefixes):
                 continue

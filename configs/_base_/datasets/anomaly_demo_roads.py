@@ -23,3 +23,5 @@ test_dataloader = dict(
 # Pixel metrics only: SegmentMeIfYouCan's component size filters (500 / 100 px) are meant for
 # 2048x1024 frames and would discard most components of these small images.
 test_evaluator = dict(type='AnomalyMetric', score_names=['msp', 'maxlogit', 'rba'])
+# Split name printed in tools/eval_anomaly.py's tables.
+dataset_split = 'held-out'

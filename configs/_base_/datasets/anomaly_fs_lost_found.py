@@ -4,3 +4,5 @@ test_dataloader = dict(
     dataset=dict(type='FishyscapesLostFoundDataset',
                  data_root='data/anomaly/FS_LostFound_full'))
 test_evaluator = dict(track='obstacle')
+# Split name printed in tools/eval_anomaly.py's tables.
+dataset_split = 'val'

@@ -6,3 +6,8 @@ test_dataloader = dict(
                  data_root='data/anomaly/LostAndFound',
                  split='test'))
 test_evaluator = dict(track='obstacle')
+# Split name printed in tools/eval_anomaly.py's tables.
+dataset_split = 'test'
+# Folder of these frames in a SegmentMeIfYouCan submission (tools/eval_anomaly.py
+# --smiyc-submission): the benchmark's name for the split.
+smiyc_submission_name = 'LostAndFound-test'

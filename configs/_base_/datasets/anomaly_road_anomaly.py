@@ -3,3 +3,5 @@ _base_ = ['./common_anomaly_benchmark.py']
 test_dataloader = dict(
     dataset=dict(type='RoadAnomalyDataset',
                  data_root='data/anomaly/RoadAnomaly'))
+# Split name printed in tools/eval_anomaly.py's tables.
+dataset_split = 'all'

@@ -18,5 +18,10 @@ test_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(pipeline=test_pipeline))
 # The model's test_cfg must request the same scores (tools/eval_anomaly.py sets both).
+# protocol: 'exact' (all labelled pixels pooled, scikit-learn's definitions: research papers'
+# numbers) and/or 'smiyc' (the SegmentMeIfYouCan evaluator: the leaderboard's numbers), e.g.
+# protocol=['exact', 'smiyc'] for both from one inference. Frames are spilled to a temporary
+# folder (spill_dir=None: the system's) until the evaluation ends, so memory stays bounded.
 test_evaluator = dict(
-    type='AnomalyMetric', score_names=['msp', 'maxlogit', 'rba'], track='anomaly')
+    type='AnomalyMetric', score_names=['msp', 'maxlogit', 'rba'], track='anomaly',
+    protocol='exact', spill_dir=None)
