@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from eomt_mm.engine.checkpoint import UnsafeCheckpointError, load_checkpoint_weights_only
 from eomt_mm.utils.io import atomic_write
 
 __all__ = [
@@ -78,12 +81,50 @@ class BackboneFamily:
     convert: Callable[..., Tuple[StateDict, dict]]
 
 
+def _already_converted(path: str, obj: object) -> Optional[str]:
+    """Why ``obj`` needs no conversion (a checkpoint this project wrote), or None.
+
+    Args:
+        path: The source file, for the message.
+        obj: What it holds.
+
+    Returns:
+        The message of the refusal, or None when ``obj`` is not one of this project's files.
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get('state_dict'), dict) \
+            or not isinstance(obj.get('meta'), dict):
+        return None
+    meta, keys = obj['meta'], list(obj['state_dict'])
+    has_backbone = any(k.startswith('backbone.') for k in keys)
+    has_decoder = any(k.startswith('decoder.') for k in keys)
+    if 'mmengine_version' in meta:
+        what = 'a training checkpoint (written by mmengine, e.g. tools/train.py)'
+    elif 'merged_from' in meta:
+        what = 'a merged checkpoint (written by tools/merge_lora.py)'
+    elif 'format_version' in meta and 'source_format' in meta:
+        what = (f'already converted (by tools/convert_weights.py from '
+                f'{meta["source_format"]!r})')
+    else:
+        return None
+    if has_backbone and has_decoder:
+        return (f'{path} is {what} of an EoMT model of this project: it needs no conversion. '
+                f"Load it directly with load_from='{path}' (or pass it to tools/test.py / "
+                'tools/merge_lora.py as CHECKPOINT).')
+    if has_backbone and 'format_version' in meta:
+        return (f'{path} is {what}: it needs no conversion. Load it directly with '
+                f"backbone init_cfg=dict(type='Pretrained', checkpoint='{path}', "
+                "prefix='backbone.').")
+    return None
+
+
 def load_source_state_dict(path: str) -> StateDict:
     """Read a checkpoint file without arbitrary unpickling.
 
-    ``.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)``. A top-level ``state_dict`` / ``model`` / ``teacher``
-    entry (Lightning, mmengine, DINOv2 training checkpoints) is unwrapped.
+    ``.safetensors`` files are read with safetensors; anything else with this project's
+    one weights-only loader (:func:`eomt_mm.engine.checkpoint.load_checkpoint_weights_only`,
+    ``torch.load(weights_only=True)`` with mmengine's own checkpoint types allow-listed). A
+    top-level ``state_dict`` / ``model`` / ``teacher`` entry (Lightning, mmengine, DINOv2
+    training checkpoints) is unwrapped.
 
     Args:
         path: The source file.
@@ -93,27 +134,31 @@ def load_source_state_dict(path: str) -> StateDict:
 
     Raises:
         FileNotFoundError: If ``path`` is not a file.
-        CheckpointConversionError: If the file cannot be read weights-only or holds no state
-            dict of tensors.
+        CheckpointConversionError: If the file cannot be read weights-only, is not a
+            checkpoint, holds no state dict of tensors, or is already one of this project's
+            checkpoints (the message says how to load it).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if path.endswith('.safetensors'):
         try:
-            from safetensors.torch import load_file
-        except ImportError as exc:  # optional dependency, needed for this file type only
-            raise ImportError('reading .safetensors needs the safetensors package '
-                              '(pip install safetensors)') from exc
-        obj = load_file(path, device='cpu')
+            obj = load_file(path, device='cpu')
+        except SafetensorError as exc:
+            raise CheckpointConversionError(
+                f'{path} is not a safetensors file (corrupt or wrong file type; '
+                f'{os.path.getsize(path)} bytes): {exc}') from None
     else:
         try:
-            obj = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as exc:
+            obj = load_checkpoint_weights_only(path, map_location='cpu')
+        except UnsafeCheckpointError as exc:
             raise CheckpointConversionError(
-                f'{path} cannot be read with torch.load(weights_only=True) ({exc}). Checkpoints '
-                f'are never unpickled with arbitrary code; re-save its state_dict only, e.g. '
-                f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path) in a "
-                f'trusted environment.') from exc
+                f'{exc} (read with torch.load(weights_only=True); nothing was converted)'
+            ) from None
+        except RuntimeError as exc:  # not a torch checkpoint: corrupt or another file type
+            raise CheckpointConversionError(str(exc)) from None
+    already = _already_converted(path, obj)
+    if already is not None:
+        raise CheckpointConversionError(already)
     for key in ('state_dict', 'model', 'teacher'):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -76,7 +76,8 @@ def convert_state_dict(src: StateDict,
                        patch_size: Optional[int] = None,
                        img_size: Optional[Union[int, Tuple[int, int]]] = None,
                        arch: Optional[str] = None,
-                       base: Optional[StateDict] = None) -> Tuple[StateDict, dict, ConversionReport]:
+                       base: Optional[StateDict] = None
+                       ) -> Tuple[StateDict, dict, ConversionReport]:
     """Convert a source state dict into this project's format.
 
     Args:

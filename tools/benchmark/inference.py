@@ -12,6 +12,11 @@ Four variants compute the same network, the model of ``configs/eomt_lora_b640.py
   holding ``W0 + scaling * B A``);
 * ``hf``: ``transformers.EomtForUniversalSegmentation`` with the same configuration.
 
+``--backbone dinov3`` runs the same comparison for EoMT-B/16 on DINOv3, the model of
+``configs/eomt/eomt-lora-r8_dinov3-b_1xb16-20k_cityscapes-640x640.py``, against
+``transformers.EomtDinov3ForUniversalSegmentation``, the weights converted with
+``--format hf-eomt-dinov3``.
+
 The weights come from one seeded random Hugging Face model (its own initialisation, plus
 random values for the tensors it initialises to constants, so that a swapped or dropped tensor
 cannot hide), saved with ``save_pretrained`` and converted into this project's format by
@@ -45,6 +50,7 @@ machine; compare ratios, not absolute times.
     python tools/benchmark/inference.py                                  # 640, batch 1
     python tools/benchmark/inference.py --repeats 5 --steps 3 --out inference_640.json
     python tools/benchmark/inference.py --quick                          # 320 px, 3 x 2 calls
+    python tools/benchmark/inference.py --backbone dinov3 --size 640     # EoMT-B on DINOv3
 """
 from __future__ import annotations
 
@@ -82,6 +88,15 @@ MUST_DIFFER = (('lora', 'ours'), )
 # How many tolerances apart 'lora' and 'ours' must be: with a smaller effect the merge check
 # could pass even if merging dropped the adapter.
 LIVE_FACTOR = 10.0
+# --backbone: the model config (the LoRA fine-tuning experiment), and per backbone type the
+# transformers model class and the converter format of its weights.
+BACKBONES = {
+    'dinov2': os.path.join(REPO, 'configs', 'eomt_lora_b640.py'),
+    'dinov3': os.path.join(REPO, 'configs', 'eomt',
+                           'eomt-lora-r8_dinov3-b_1xb16-20k_cityscapes-640x640.py'),
+}
+HF_MODELS = {'DINOv2': ('EomtForUniversalSegmentation', 'hf-eomt'),
+             'DINOv3': ('EomtDinov3ForUniversalSegmentation', 'hf-eomt-dinov3')}
 QUICK = dict(size=320, repeats=3, steps=2)
 FULL = dict(size=640, repeats=5, steps=3)
 
@@ -93,22 +108,61 @@ class AgreementError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ models
-def default_model_configs(size: int) -> Tuple[dict, dict]:
-    """``(model_cfg without LoRA, lora_config)`` of ``configs/eomt_lora_b640.py`` at ``size``."""
-    with_lora = eomt_b_config(size, lora={})
+def default_model_configs(size: int, backbone: str = 'dinov2') -> Tuple[dict, dict]:
+    """``(model_cfg without LoRA, lora_config)`` of the ``--backbone``'s config at ``size``.
+
+    Args:
+        size: Input side (multiple of 16).
+        backbone: A key of :data:`BACKBONES`.
+
+    Returns:
+        The model config (no pretrained initialisation, whole-image test mode) and its
+        ``lora_config``.
+    """
+    if backbone == 'dinov2':
+        with_lora = eomt_b_config(size, lora={})
+    else:
+        from mmengine.config import Config
+        with_lora = Config.fromfile(BACKBONES[backbone]).model.to_dict()
+        with_lora['backbone'].pop('init_cfg', None)
+        with_lora['backbone']['img_size'] = size
+        with_lora.pop('data_preprocessor', None)
+        with_lora['test_cfg'] = dict(mode='whole')
     lora_config = with_lora.pop('lora_config')
     return with_lora, lora_config
+
+
+def _hf_dinov3_config(backbone: nn.Module, decoder: nn.Module, image_size: int):
+    """``transformers.EomtDinov3Config`` of an EoMT on this project's ``DINOv3``."""
+    import transformers
+    if backbone.ffn_type != 'origin':
+        # transformers' EoMT-DINOv3 applies config.hidden_act in its gated MLP and in its heads
+        # alike; this project (as the reference) uses SiLU in SwiGLU and GELU in the heads.
+        raise ValueError(f'hf_config_for: only the GELU-MLP DINOv3 backbone is supported, got '
+                         f'ffn_type={backbone.ffn_type!r}')
+    return transformers.EomtDinov3Config(
+        hidden_size=backbone.embed_dims, num_hidden_layers=backbone.num_layers,
+        num_attention_heads=backbone.num_heads,
+        intermediate_size=backbone.arch_settings['feedforward_channels'], hidden_act='gelu',
+        layer_norm_eps=backbone.layers[0].ln1.eps, image_size=image_size,
+        patch_size=backbone.patch_size, num_channels=3,
+        num_register_tokens=backbone.num_register_tokens, use_gated_mlp=False,
+        num_upscale_blocks=len(decoder.upscale), num_blocks=decoder.num_blocks,
+        num_queries=decoder.num_queries, num_labels=decoder.num_classes,
+        hidden_dropout_prob=0.0, attention_dropout=0.0, drop_path_rate=0.0,
+        rope_parameters=dict(rope_type='default', rope_theta=backbone.rope_base))
 
 
 def hf_config_for(model: nn.Module, image_size: int):
     """The ``transformers.EomtConfig`` describing the same network as one of our EoMT models.
 
     Args:
-        model: This project's ``EoMT`` with a ``DINOv2`` backbone (GELU MLP).
+        model: This project's ``EoMT`` with a ``DINOv2`` or ``DINOv3`` backbone (GELU MLP).
         image_size: Input side; the transformers port only runs at its configured size.
 
     Returns:
-        ``transformers.EomtConfig`` (dropouts and drop-path off).
+        ``transformers.EomtConfig`` (``EomtDinov3Config`` for DINOv3; dropouts and drop-path
+        off).
 
     Raises:
         ValueError: For a network the transformers port cannot express here (SwiGLU MLP, an
@@ -117,6 +171,11 @@ def hf_config_for(model: nn.Module, image_size: int):
     """
     import transformers
     backbone, decoder = model.backbone, model.decoder
+    if image_size % backbone.patch_size:
+        raise ValueError(f'hf_config_for: image_size={image_size} is not a multiple of the '
+                         f'patch size {backbone.patch_size}')
+    if type(backbone).__name__ == 'DINOv3':
+        return _hf_dinov3_config(backbone, decoder, image_size)
     if getattr(backbone, 'ffn_type', 'origin') != 'origin':
         raise ValueError(f'hf_config_for: only the GELU-MLP backbone is supported, got '
                          f'ffn_type={backbone.ffn_type!r}')
@@ -140,10 +199,11 @@ def hf_config_for(model: nn.Module, image_size: int):
 
 
 def random_hf_eomt(config, seed: int) -> nn.Module:
-    """A seeded random ``EomtForUniversalSegmentation`` in eval mode, masked attention off.
+    """A seeded random transformers EoMT in eval mode, masked attention off.
 
     Args:
-        config: ``transformers.EomtConfig``.
+        config: ``transformers.EomtConfig`` (-> ``EomtForUniversalSegmentation``) or
+            ``EomtDinov3Config`` (-> ``EomtDinov3ForUniversalSegmentation``).
         seed: Seed of the initialisation.
 
     Returns:
@@ -153,7 +213,9 @@ def random_hf_eomt(config, seed: int) -> nn.Module:
     """
     import transformers
     torch.manual_seed(seed)
-    model = transformers.EomtForUniversalSegmentation(config)
+    model = (transformers.EomtDinov3ForUniversalSegmentation(config)
+             if isinstance(config, transformers.EomtDinov3Config)
+             else transformers.EomtForUniversalSegmentation(config))
     gen = torch.Generator().manual_seed(seed + 1)
 
     def rand(t: Tensor) -> Tensor:
@@ -174,12 +236,14 @@ def random_hf_eomt(config, seed: int) -> nn.Module:
     return model.eval()
 
 
-def convert_with_tool(hf_model: nn.Module, work_dir: str) -> str:
+def convert_with_tool(hf_model: nn.Module, work_dir: str, fmt: str = 'hf-eomt') -> str:
     """Save ``hf_model`` as transformers does and convert it with ``tools/convert_weights.py``.
 
     Args:
-        hf_model: An ``EomtForUniversalSegmentation``.
+        hf_model: An ``EomtForUniversalSegmentation`` (or ``EomtDinov3...`` with ``fmt``
+            ``'hf-eomt-dinov3'``).
         work_dir: Existing folder for the saved model and the converted checkpoint.
+        fmt: The converter's ``--format``.
 
     Returns:
         Path of the converted checkpoint (``{'state_dict', 'meta'}``).
@@ -203,7 +267,7 @@ def convert_with_tool(hf_model: nn.Module, work_dir: str) -> str:
                            f'{sorted(os.listdir(src_dir))}')
     dst = os.path.join(work_dir, 'eomt_mm_from_hf.pth')
     # The CLI, in a subprocess with this interpreter: what the README tells users to run.
-    proc = subprocess.run([sys.executable, CONVERT_TOOL, src, dst, '--format', 'hf-eomt'],
+    proc = subprocess.run([sys.executable, CONVERT_TOOL, src, dst, '--format', fmt],
                           capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f'tools/convert_weights.py failed (exit {proc.returncode}):\n'
@@ -268,7 +332,7 @@ def build_variants(model_cfg: dict, lora_config: dict, size: int, work_dir: str,
     cfg.pop('lora_config', None)
     ours = MODELS.build(cfg)
     hf = random_hf_eomt(hf_config_for(ours, size), seed)
-    path = convert_with_tool(hf, work_dir)
+    path = convert_with_tool(hf, work_dir, HF_MODELS[type(ours.backbone).__name__][1])
     state = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
     ours.load_state_dict(state, strict=True)
 
@@ -452,9 +516,14 @@ def _spread(values: Sequence[float]) -> str:
     return f'{median(values):.3f} ({min(values):.3f}-{max(values):.3f})'
 
 
-def report(rows: Mapping[str, dict], params: Mapping[str, int], header: str) -> str:
-    """The table: times per image with ratios to ``ours``, per-round ratios, parameters."""
-    table = [[name, VARIANTS.get(name, name), f"{_ms(r['wall_s'])} ({r['wall_x']:.3f}x)",
+def report(rows: Mapping[str, dict], params: Mapping[str, int], header: str,
+           what: Optional[Mapping[str, str]] = None) -> str:
+    """The table: times per image with ratios to ``ours``, per-round ratios, parameters.
+
+    ``what`` overrides :data:`VARIANTS`' descriptions (e.g. the transformers class).
+    """
+    what = {**VARIANTS, **(what or {})}
+    table = [[name, what.get(name, name), f"{_ms(r['wall_s'])} ({r['wall_x']:.3f}x)",
               f"{_ms(r['cpu_s'])} ({r['cpu_x']:.3f}x)", _spread(r['round_wall_x']),
               _spread(r['round_cpu_x']), f'{params[name] / 1e6:.2f} M']
              for name, r in rows.items()]
@@ -491,6 +560,10 @@ def targets(rows: Mapping[str, dict]) -> List[str]:
 # --------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--backbone', choices=sorted(BACKBONES), default='dinov2',
+                        help='EoMT-B/16 on DINOv2-reg4 (configs/eomt_lora_b640.py) or on DINOv3 '
+                        '(configs/eomt/eomt-lora-r8_dinov3-b_*.py), against its transformers '
+                        'counterpart')
     parser.add_argument('--size', type=int, default=None,
                         help=f"input side, multiple of 16 (default {FULL['size']}; "
                         f"--quick: {QUICK['size']})")
@@ -533,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None, model_cfg: Optional[dict] = None,
 
     Args:
         argv: Command-line arguments (None = ``sys.argv``).
-        model_cfg: Our EoMT config without LoRA; None = ``configs/eomt_lora_b640.py``'s. The
+        model_cfg: Our EoMT config without LoRA; None = the ``--backbone``'s config file's. The
             backbone's ``img_size`` is set to ``--size``. (Tests pass a tiny model here.)
         lora_config: LoRA block of the ``lora`` variant; None = the config file's.
 
@@ -544,7 +617,7 @@ def main(argv: Optional[Sequence[str]] = None, model_cfg: Optional[dict] = None,
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    default_cfg, default_lora = default_model_configs(args.size)
+    default_cfg, default_lora = default_model_configs(args.size, args.backbone)
     if model_cfg is None:
         model_cfg = default_cfg
     else:
@@ -575,7 +648,9 @@ def main(argv: Optional[Sequence[str]] = None, model_cfg: Optional[dict] = None,
     del outputs
 
     attn = getattr(models['hf'].config, '_attn_implementation', 'unknown')
-    header = (f'EoMT inference (class + mask logits), {args.size}x{args.size}, batch '
+    hf_what = {'hf': f'transformers {type(models["hf"]).__name__}'}
+    header = (f'EoMT inference on {type(models["ours"].backbone).__name__} (class + mask '
+              f'logits), {args.size}x{args.size}, batch '
               f'{args.batch}, {args.repeats} rounds x {args.steps} calls (+{args.warmup} '
               f'warm-up) | CPU: {cpu_name()} | {os.cpu_count()} cores | torch threads '
               f'{torch.get_num_threads()} | load avg {os.getloadavg()[0]:.1f} | torch '
@@ -585,7 +660,7 @@ def main(argv: Optional[Sequence[str]] = None, model_cfg: Optional[dict] = None,
     calls = time_variants(fns, x, args.repeats, args.steps, args.warmup,
                           log=lambda line: print(line, flush=True))
     rows = summarise(calls, args.batch)
-    text = report(rows, params, header)
+    text = report(rows, params, header, hf_what)
     lora_desc = (f"LoRA: rank {lora_config.get('rank')}, alpha {lora_config.get('lora_alpha')}"
                  f", on {lora_config.get('target_modules')}, {lora_layers} layers, random "
                  'lora_B (std 0.02)')
