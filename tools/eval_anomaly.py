@@ -4,15 +4,27 @@ Example (the five public validation folders under data/anomaly/)::
 
     python tools/eval_anomaly.py CONFIG CHECKPOINT \
         --datasets road_anomaly21 road_obstacle21 road_anomaly fs_static fs_lost_found \
-        --data-root data/anomaly --scores msp maxlogit rba --out-dir work_dirs/anomaly_eval
+        --data-root data/anomaly --scores msp maxlogit rba --out-dir work_dirs/anomaly_eval \
+        --protocol exact smiyc
 
-Each name selects ``configs/_base_/datasets/anomaly_<name>.py`` (its dataloader, pipeline and
-``AnomalyMetric``); ``--data-root`` replaces the parent folder of the config's ``data_root``.
-A custom dataset config can be given as ``name=path/to/config.py``. The model is built and the
-checkpoint loaded once; rows of the table are dataset x score, columns AuPRC, FPR95, AUROC (and
-sIoU, PPV, mean F1 with ``--component-metrics``). The table is also written as ``anomaly.csv``
-and ``anomaly.json`` in ``--out-dir``; ``--show-dir DIR`` saves, per image, the image, the anomaly
-heat map and the ground truth side by side under ``DIR/<dataset>/``.
+Each name selects ``configs/_base_/datasets/anomaly_<name>.py`` (its dataloader, pipeline,
+``AnomalyMetric``, split name and SegmentMeIfYouCan folder name); ``--data-root`` replaces the
+parent folder of the config's ``data_root``. A custom dataset config can be given as
+``name=path/to/config.py``. The model is built and the checkpoint loaded once; each dataset is
+inferred once, and every protocol of ``--protocol`` is computed from that one pass:
+
+* ``exact``: all labelled pixels pooled, scikit-learn's definitions (research papers' numbers);
+* ``smiyc``: the SegmentMeIfYouCan benchmark's own evaluator (binned per frame; the
+  leaderboard's numbers).
+
+Rows of the table are protocol x dataset x score, with the split, the number of frames and of
+labelled pixels, then AuPRC, FPR95, AUROC (and sIoU, PPV, mean F1 with ``--component-metrics``).
+The table is also written as ``anomaly.csv`` and ``anomaly.json`` in ``--out-dir``.
+``--show-dir DIR`` saves, per image, the image, the anomaly heat map and the ground truth side by
+side under ``DIR/<dataset>/``. ``--smiyc-submission DIR`` also writes the score files the
+SegmentMeIfYouCan test server takes (one HDF5 file per frame of ``--smiyc-score``, under
+``DIR/anomaly_p/<method>/<benchmark folder>/``) for the datasets that belong to the benchmark, and
+prints what to upload; ``DIR`` must be new or empty (checked before any inference).
 """
 from __future__ import annotations
 
@@ -22,23 +34,27 @@ import json
 import os
 import os.path as osp
 import sys
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 _REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import eomt_mm  # noqa: E402,F401  (registers modules, safe checkpoint loading)
-from eomt_mm.anomaly.metric import format_table  # noqa: E402
+import eomt_mm.engine.safe_checkpoint_install  # noqa: E402,F401  (installs safe checkpointing)
+from eomt_mm.anomaly.component_metrics import TRACK_SIZE_FILTERS  # noqa: E402
+from eomt_mm.anomaly.metric import PROTOCOLS, check_protocols, format_table  # noqa: E402
 from eomt_mm.anomaly.scores import check_score_names  # noqa: E402
+from eomt_mm.anomaly.smiyc.submission import SubmissionWriter  # noqa: E402
 from eomt_mm.anomaly.visualization import AnomalyVisHook  # noqa: E402
 
 DATASET_CONFIG_DIR = osp.join(_REPO_ROOT, 'configs', '_base_', 'datasets')
 PIXEL_COLUMNS = ('AuPRC', 'FPR95', 'AUROC')
 COMPONENT_COLUMNS = ('sIoU', 'PPV', 'mean_F1')
+INFO_COLUMNS = ('protocol', 'dataset', 'split', 'score', 'frames', 'labelled_pixels')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +67,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--data-root', help='folder holding the benchmark folders')
     parser.add_argument('--scores', nargs='+', default=['msp', 'maxlogit', 'rba'],
                         help='anomaly scores to evaluate side by side')
+    parser.add_argument('--protocol', nargs='+', default=['exact'], choices=PROTOCOLS,
+                        help='exact (pooled pixels, scikit-learn semantics) and/or smiyc (the '
+                             'SegmentMeIfYouCan evaluator); both come from one inference')
+    parser.add_argument('--track', choices=sorted(TRACK_SIZE_FILTERS),
+                        help='SegmentMeIfYouCan track of the component metrics (default: each '
+                             "dataset config's)")
     parser.add_argument('--component-metrics', action='store_true',
                         help='also compute SegmentMeIfYouCan sIoU / PPV / mean F1')
+    parser.add_argument('--spill-dir',
+                        help='folder for the temporary evaluation files (default: system temp)')
+    parser.add_argument('--smiyc-submission', metavar='DIR',
+                        help='also write SegmentMeIfYouCan test-server score files under DIR')
+    parser.add_argument('--smiyc-score', help='score written by --smiyc-submission '
+                                              '(default: the first of --scores)')
+    parser.add_argument('--smiyc-method',
+                        help='method folder name of the submission (default: config name)')
     parser.add_argument('--out-dir', default='work_dirs/anomaly_eval',
                         help='where anomaly.csv / anomaly.json and the logs go')
     parser.add_argument('--show-dir',
@@ -79,30 +109,80 @@ def dataset_configs(specs: List[str]) -> Dict[str, str]:
     return out
 
 
-def evaluation_parts(path: str, data_root: str | None, scores: List[str], components: bool):
-    """Test dataloader and evaluator configs of one benchmark."""
+def evaluation_parts(path: str, args: argparse.Namespace, scores: List[str]):
+    """Test dataloader, evaluator config, split name and SMIYC folder name of one benchmark."""
     ds_cfg = Config.fromfile(path)
     loader = ds_cfg.test_dataloader
-    if data_root is not None:
-        loader.dataset.data_root = osp.join(data_root, osp.basename(
+    if args.data_root is not None:
+        loader.dataset.data_root = osp.join(args.data_root, osp.basename(
             osp.normpath(loader.dataset.data_root)))
     evaluator = dict(ds_cfg.test_evaluator)
-    evaluator.update(score_names=scores, component_metrics=components)
-    return loader, evaluator
+    evaluator.update(score_names=scores, component_metrics=args.component_metrics,
+                     protocol=list(args.protocol))
+    if args.track is not None:
+        evaluator['track'] = args.track
+    if args.spill_dir is not None:
+        evaluator['spill_dir'] = args.spill_dir
+    split = ds_cfg.get('dataset_split', loader.dataset.get('split', 'unknown'))
+    return loader, evaluator, split, ds_cfg.get('smiyc_submission_name')
+
+
+class SubmissionHook(Hook):
+    """Writes each test sample's score map with a :class:`SubmissionWriter` after inference.
+
+    Args:
+        writer: the submission writer (its folder was checked before inference).
+        score: the score written.
+    """
+
+    def __init__(self, writer: Any, score: str) -> None:
+        self.writer = writer
+        self.score = score
+        self.dataset: Optional[str] = None  # SMIYC folder of the dataset being inferred
+
+    def after_test_iter(self, runner, batch_idx: int, data_batch: Any = None,
+                        outputs: Optional[List[Any]] = None) -> None:
+        """Writes every output of the batch (nothing for non-benchmark datasets)."""
+        if self.dataset is None:
+            return
+        for sample in outputs or []:
+            stem = osp.splitext(osp.basename(sample.metainfo['img_path']))[0]
+            # LostAndFound frames are named without the image suffix on the test server.
+            stem = stem[:-len('_leftImg8bit')] if stem.endswith('_leftImg8bit') else stem
+            score = sample.anomaly_scores.get(self.score).detach().float().cpu().numpy()
+            self.writer.write(self.dataset, stem, score)
 
 
 def main(argv=None) -> Dict[str, Dict[str, float]]:
     """Runs every benchmark and returns ``{dataset: {metric key: value}}``."""
     args = parse_args(argv)
     scores = check_score_names(args.scores)
+    check_protocols(args.protocol)
     datasets = dataset_configs(args.datasets)
     for what, path in (('config', args.config), ('checkpoint', args.checkpoint)):
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} file {path!r} does not exist')
+    parts = {name: evaluation_parts(path, args, scores) for name, path in datasets.items()}
+    submission = None
+    if args.smiyc_submission:
+        # Built (and the folder checked) before the model: a non-empty folder fails at once.
+        score = args.smiyc_score or scores[0]
+        if score not in scores:
+            raise ValueError(f'--smiyc-score {score!r} is not among --scores {scores}')
+        if not any(p[3] for p in parts.values()):
+            raise ValueError('--smiyc-submission: none of the datasets belongs to the '
+                             'SegmentMeIfYouCan test server (their configs set no '
+                             'smiyc_submission_name); evaluate e.g. road_anomaly21, '
+                             'road_obstacle21 or lost_and_found')
+        method = args.smiyc_method or osp.splitext(osp.basename(args.config))[0]
+        submission = SubmissionHook(SubmissionWriter(args.smiyc_submission, method), score)
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    # The segmentor computes exactly the scores the metric reads.
+    # The segmentor computes exactly the scores the metric reads: a plain EoMT config is
+    # evaluated by its anomaly-enabled subclass (same weights and state-dict keys).
+    if cfg.model.get('type') == 'EoMT':
+        cfg.model.type = 'AnomalyEoMT'
     cfg.model.setdefault('test_cfg', {})
     cfg.model.test_cfg['anomaly_scores'] = scores
     cfg.work_dir = args.out_dir
@@ -111,9 +191,8 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     for key in ('train_dataloader', 'train_cfg', 'optim_wrapper', 'param_scheduler',
                 'val_dataloader', 'val_cfg', 'val_evaluator'):
         cfg.pop(key, None)
-    first = next(iter(datasets.values()))
-    cfg.test_dataloader, cfg.test_evaluator = evaluation_parts(
-        first, args.data_root, scores, args.component_metrics)
+    first = next(iter(parts.values()))
+    cfg.test_dataloader, cfg.test_evaluator = first[0], first[1]
     cfg.test_cfg = dict(type='TestLoop')
     runner = Runner.from_cfg(cfg)
     vis_hook = None
@@ -121,30 +200,52 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
         vis_hook = AnomalyVisHook(args.show_dir, score_name=args.show_score,
                                   max_images=args.max_show)
         runner.register_hook(vis_hook)
+    if submission is not None:
+        runner.register_hook(submission)
 
     results: Dict[str, Dict[str, float]] = {}
-    for name, path in datasets.items():
-        loader, evaluator = evaluation_parts(path, args.data_root, scores, args.component_metrics)
+    rows = []
+    for name, (loader, evaluator, split, smiyc_name) in parts.items():
         # Reuse the built model (and the loaded checkpoint); only the loop is rebuilt.
         runner._test_dataloader = loader
         runner._test_evaluator = evaluator
         runner._test_loop = dict(type='TestLoop')
         if vis_hook is not None:
             vis_hook.out_dir = osp.join(args.show_dir, name)
+        if submission is not None:
+            submission.dataset = smiyc_name
+            if smiyc_name is None:
+                print(f'--smiyc-submission: {name} is not a SegmentMeIfYouCan dataset; '
+                      'no score files written for it')
         results[name] = runner.test()
+        metric = runner.test_loop.evaluator.metrics[0]
+        for table in metric.last_tables:
+            rows.append(_table_row(table, name, split))
 
     columns = list(PIXEL_COLUMNS) + (list(COMPONENT_COLUMNS) if args.component_metrics else [])
-    rows = [[name, score] + [metrics.get(f'{score}/{col}', float('nan')) for col in columns]
-            for name, metrics in results.items() for score in scores]
-    print(format_table(['dataset', 'score'] + columns, rows))
+    header = list(INFO_COLUMNS) + columns
+    cells = [[r[c] for c in header] for r in rows]
+    print(format_table(header, cells))
     os.makedirs(args.out_dir, exist_ok=True)
     with open(osp.join(args.out_dir, 'anomaly.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
-        writer.writerow(['dataset', 'score'] + columns)
-        writer.writerows(rows)
+        writer.writerow(header)
+        writer.writerows(cells)
     with open(osp.join(args.out_dir, 'anomaly.json'), 'w') as f:
-        json.dump([dict(zip(['dataset', 'score'] + columns, row)) for row in rows], f, indent=1)
+        json.dump(rows, f, indent=1)
+    if submission is not None:
+        print(submission.writer.upload_instructions())
     return results
+
+
+def _table_row(table: Dict[str, Any], dataset: str, split: str) -> Dict[str, Any]:
+    """One output row from a row of ``AnomalyMetric.last_tables``."""
+    row = {'protocol': table['protocol'], 'dataset': dataset, 'split': split,
+           'score': table['score'], 'frames': table['frames'],
+           'labelled_pixels': table['labelled_pixels']}
+    for column in PIXEL_COLUMNS + COMPONENT_COLUMNS:
+        row[column] = table['metrics'].get(column, float('nan'))
+    return row
 
 
 if __name__ == '__main__':
