@@ -10,12 +10,11 @@ Design notes (why this is not PEFT's or loralib's layer):
   ``addmm(base_out, A x, B^T, alpha=scaling)``, so the up-projection and the residual add
   are one fused GEMM instead of a GEMM, a scale and an add over the whole output.
 * Dropout on the adapter input (``dropout > 0`` in training) goes through
-  :class:`_DropoutDownProj`, an autograd function that saves the *undropped* input (the
-  same tensor the ``dropout == 0`` path saves, so no extra activation memory) plus an
-  integer seed, and regenerates the keep-mask in backward. PEFT's ``Dropout -> Linear``
-  keeps a dropped copy of the input (and the mask) for backward. The price is one mask
-  regeneration and one masked multiply over the input in backward. Under ``torch.compile``
-  plain dropout is used instead (the seed draw would break the graph at every layer).
+  :class:`_DropoutDownProj`, an autograd function that draws the mask once and keeps it as
+  one byte per element, next to one input-sized tensor (see its docstring); PEFT's
+  ``Dropout -> Linear`` keeps the dropped copy plus its own mask, a float tensor on CPU.
+  Under ``torch.compile`` plain dropout is used instead, so that the compiler's
+  partitioner sees an ordinary dropout and chooses what to keep for backward itself.
 * ``enable_slices`` adapts only some equal chunks of ``out_features`` (fused ``qkv``: q and
   v only), with one independent rank-``r`` pair per adapted chunk (as the LoRA paper's
   separate ``W_q`` / ``W_v`` adapters and loralib's ``MergedLinear``). Disabled chunks get an
@@ -29,8 +28,7 @@ Design notes (why this is not PEFT's or loralib's layer):
 from __future__ import annotations
 
 import math
-import threading
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,54 +39,80 @@ __all__ = ['LoRALinear']
 
 _INIT_LORA_A = ('kaiming_uniform', 'gaussian')
 
-# One generator per (thread, device) used only to regenerate dropout masks from a seed.
-# Kept out of the module so that deepcopy / pickling of models (EMA, checkpoints) never
-# meets a torch.Generator.
-_THREAD_STATE = threading.local()
+
+@torch.no_grad()
+def _dropout(x: Tensor, p: float) -> Tuple[Tensor, Tensor]:
+    """Unscaled dropout: ``(x * keep, keep)``, ``keep`` a uint8 0/1 mask of ``x``'s shape.
+
+    Not differentiable (:class:`_DropoutDownProj` defines the gradients). Each element is
+    kept with probability ``1 - p`` (``p`` resolved to ``2**-32``). The bits come from
+    torch's default generator of ``x``'s device, so ``torch.manual_seed`` makes runs
+    reproducible and activation checkpointing (which restores that generator's state before
+    recomputing) redraws the same mask.
+
+    Written here rather than with ``bernoulli_`` because torch's CPU ``bernoulli_`` draws
+    one 64-bit number per element (through a double) and dominated the cost of a dropout
+    step: here one 64-bit draw of ``random_`` serves two elements, each half compared as a
+    uniform int32 with the threshold of ``p``. The mask is uint8 rather than bool because
+    CPU kernels convert uint8 to floating point several times faster than bool.
+    """
+    numel = x.numel()  # one int32 word per element, plus one to fill whole int64s if odd
+    bits = torch.empty(numel + numel % 2, dtype=torch.int32, device=x.device)
+    bits = bits.view(torch.int64).random_(-2**63, None).view(torch.int32)[:numel]
+    threshold = min(-2**31 + round(p * 2**32), 2**31 - 1)
+    keep = (bits >= threshold).view(torch.uint8).view(x.shape)
+    if x.dtype == torch.float32:
+        # Reuse the spent random bits' buffer (4 bytes per element, as fp32): no new tensor.
+        return torch.mul(x, keep, out=bits.view(torch.float32).view(x.shape)), keep
+    return x * keep, keep
 
 
-def _mask_generator(device: torch.device) -> torch.Generator:
-    cache = getattr(_THREAD_STATE, 'generators', None)
-    if cache is None:
-        cache = _THREAD_STATE.generators = {}
-    gen = cache.get(device)
-    if gen is None:
-        gen = cache[device] = torch.Generator(device=device)
-    return gen
-
-
-def _keep_mask(shape: torch.Size, device: torch.device, p: float,
-               seed: int) -> Tensor:
-    """Bool keep-mask (``True`` with probability ``1 - p``), a pure function of ``seed``."""
-    gen = _mask_generator(device)
-    gen.manual_seed(seed)
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(
-        1.0 - p, generator=gen)
-
-
-def _draw_seed() -> int:
-    # Drawn from the default CPU generator so ``torch.manual_seed`` makes runs
-    # reproducible and activation checkpointing (which restores RNG state before
-    # recomputing) regenerates the same mask; a CPU draw never syncs the GPU.
-    return int(torch.randint(0, 2**62, (1, )).item())
+def _gemm_dtype(x: Tensor) -> torch.dtype:
+    """Dtype autocast would run ``F.linear(x, ...)`` in (``x.dtype`` outside autocast)."""
+    device_type = x.device.type
+    if (torch.is_autocast_enabled(device_type) and x.is_floating_point()
+            and x.dtype != torch.float64):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 class _DropoutDownProj(torch.autograd.Function):
-    """``F.linear(dropout(x, p), A)`` that saves ``x`` and a seed, not the dropped copy."""
+    """``F.linear(dropout(x, p), A)`` that keeps a one-byte keep-mask for backward.
+
+    Forward draws the mask and computes the dropped input once. What is saved depends on
+    ``input_kept``: whether the caller keeps ``x`` for backward (``F.linear`` does when its
+    weight trains):
+
+    * ``input_kept=False`` (frozen base, the LoRA case): the dropped input, in the dtype
+      the GEMM ran in, plus the mask. ``x`` itself is not kept, so the adapter costs one
+      input-sized tensor plus one byte per element, where ``Dropout -> Linear`` keeps the
+      dropped copy plus its own mask (a float tensor on CPU).
+    * ``input_kept=True``: ``x`` (shared with the base layer, so free) plus the mask, and
+      backward recomputes the dropped input with one masked pass over ``x``.
+
+    The mask is saved through ``save_for_backward``, never as a ``ctx`` attribute, so
+    saved-tensor hooks (activation checkpointing, offloading) see every saved tensor.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, lora_a: Tensor, p: float, seed: int) -> Tensor:
-        keep = _keep_mask(x.shape, x.device, p, seed)
+    def forward(ctx, x: Tensor, lora_a: Tensor, p: float, input_kept: bool) -> Tensor:
+        dropped, keep = _dropout(x, p)
+        dropped = dropped.to(_gemm_dtype(x))
         # The 1/(1-p) rescale is applied on the r-wide output, the cheapest place.
-        out = F.linear(x * keep, lora_a).mul_(1.0 / (1.0 - p))
-        ctx.save_for_backward(x, lora_a)
-        ctx.p, ctx.seed = p, seed
+        out = F.linear(dropped, lora_a).mul_(1.0 / (1.0 - p))
+        need_x_grad, need_a_grad = ctx.needs_input_grad[:2]
+        if input_kept:
+            ctx.save_for_backward(x if need_a_grad else None,
+                                  keep if need_x_grad or need_a_grad else None, lora_a)
+        else:
+            ctx.save_for_backward(dropped if need_a_grad else None,
+                                  keep if need_x_grad else None, lora_a)
+        ctx.p, ctx.input_kept, ctx.x_dtype = p, input_kept, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, lora_a = ctx.saved_tensors
-        keep = _keep_mask(x.shape, x.device, ctx.p, ctx.seed)
+        saved_input, keep, lora_a = ctx.saved_tensors
         # Scale folded into the small operands (A: r x in, grad: N x r) so that no extra
         # pass over an input-sized tensor is spent on it.
         grad_s = grad_out * (1.0 / (1.0 - ctx.p))
@@ -96,11 +120,11 @@ class _DropoutDownProj(torch.autograd.Function):
         dtype = grad_out.dtype
         grad_x = grad_a = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_s @ lora_a.to(dtype)).mul_(keep).to(x.dtype)
+            grad_x = (grad_s @ lora_a.to(dtype)).mul_(keep).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            g2d = grad_s.reshape(-1, grad_s.shape[-1])
-            xd = (x * keep).to(dtype).reshape(-1, x.shape[-1])
-            grad_a = (g2d.t() @ xd).to(lora_a.dtype)
+            dropped = (saved_input * keep if ctx.input_kept else saved_input).to(dtype)
+            grad_a = (grad_s.reshape(-1, grad_s.shape[-1]).t()
+                      @ dropped.reshape(-1, dropped.shape[-1])).to(lora_a.dtype)
         return grad_x, grad_a, None, None
 
 
@@ -125,9 +149,9 @@ class LoRALinear(nn.Linear):
         enable_slices (Sequence[bool] | None): Split ``out_features`` into
             ``len(enable_slices)`` equal chunks and adapt only the chunks marked True
             (fused qkv: ``[True, False, True]`` = q and v). Each adapted chunk gets its own
-            rank-``r`` pair: ``lora_A`` is ``(r * n_enabled) x in`` and ``lora_B`` is
-            ``(chunk * n_enabled) x r``. None adapts the whole output (``lora_A`` ``r x in``,
-            ``lora_B`` ``out x r``). Defaults to None.
+            rank-``r`` pair: with ``k`` chunks enabled, ``lora_A`` is ``(r * k) x in`` and
+            ``lora_B`` is ``(chunk * k) x r``. None adapts the whole output (``lora_A``
+            ``r x in``, ``lora_B`` ``out x r``). Defaults to None.
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
 
@@ -166,11 +190,11 @@ class LoRALinear(nn.Linear):
 
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
         if slices is None:
-            n_en, rows_out = 1, out_features
+            num_enabled_slices, rows_out = 1, out_features
         else:
             chunk = out_features // len(slices)
-            n_en = sum(slices)
-            rows_out = chunk * n_en
+            num_enabled_slices = sum(slices)
+            rows_out = chunk * num_enabled_slices
             rows = torch.cat([
                 torch.arange(i * chunk, (i + 1) * chunk)
                 for i, on in enumerate(slices) if on
@@ -179,7 +203,7 @@ class LoRALinear(nn.Linear):
             self.register_buffer('_lora_rows', rows.to(factory['device']),
                                  persistent=False)
         self.lora_A = nn.Parameter(
-            torch.empty(self.rank * n_en, in_features, **factory))
+            torch.empty(self.rank * num_enabled_slices, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(rows_out, self.rank, **factory))
         self.reset_lora_parameters()
 
@@ -248,12 +272,12 @@ class LoRALinear(nn.Linear):
 
     # --------------------------------------------------------------- compute
     def _up_weight(self) -> Tensor:
-        """Up-projection as an ``out x (r * n_enabled)`` matrix (zero rows = not adapted)."""
+        """The ``out x (r * num_enabled_slices)`` up-projection; zero rows are not adapted."""
         if self.enable_slices is None:
             return self.lora_B
-        n_en = sum(self.enable_slices)
-        blocks = torch.block_diag(*self.lora_B.chunk(n_en, dim=0))
-        full = self.lora_B.new_zeros(self.out_features, self.rank * n_en)
+        num_enabled_slices = sum(self.enable_slices)
+        blocks = torch.block_diag(*self.lora_B.chunk(num_enabled_slices, dim=0))
+        full = self.lora_B.new_zeros(self.out_features, self.rank * num_enabled_slices)
         return full.index_copy(0, self._lora_rows, blocks)
 
     def delta_weight(self) -> Tensor:
@@ -284,12 +308,15 @@ class LoRALinear(nn.Linear):
             return base
         if self.dropout > 0.0 and self.training:
             if torch.compiler.is_compiling():
-                # The seed draw is a host sync that would break the graph at every layer;
-                # compiled graphs use plain dropout, whose mask the compiler's partitioner
-                # may recompute in backward itself.
                 down = F.linear(F.dropout(x, self.dropout, True), self.lora_A)
             else:
-                down = _DropoutDownProj.apply(x, self.lora_A, self.dropout, _draw_seed())
+                # F.linear saves its input for the weight gradient when the base trains;
+                # then the adapter shares that tensor instead of keeping a dropped copy.
+                # Under autocast the base saves its own low-precision cast of x instead,
+                # which cannot be shared.
+                input_kept = (self.weight.requires_grad and torch.is_grad_enabled()
+                              and _gemm_dtype(x) == x.dtype)
+                down = _DropoutDownProj.apply(x, self.lora_A, self.dropout, input_kept)
         else:
             down = F.linear(x, self.lora_A)
         out = torch.addmm(base.reshape(-1, self.out_features),

@@ -1,24 +1,29 @@
 #!/usr/bin/env python
 """Benchmark one LoRA layer: ours vs PEFT's ``lora.Linear`` vs plain ``nn.Linear``.
 
-Measured on ViT-B / ViT-L shapes (1,600 tokens, ``d`` = 768 / 1024, a ``d -> d``
-projection by default, rank 8 / 16), all variants in one process, alternating their order
-every repeat, each number the median of ``--repeats`` timings of ``--inner`` calls:
+Measured on ViT-B / ViT-L shapes (1,600 tokens = a 640 x 640 image in 16-pixel patches,
+``d`` = 768 / 1024, rank 8 / 16) for the ViT linear layers named by ``--layers`` (``proj``
+``d -> d`` by default; ``qkv`` ``d -> 3d``, ``fc1`` ``d -> 4d``, ``fc2`` ``4d -> d``), all
+variants in one process, rotating their order every repeat, each number the median of
+``--repeats`` timings of ``--inner`` calls:
 
 * ``train``: forward + backward with the base weight frozen and the input requiring
-  grad (as inside a network), LoRA matrices trainable, ``dropout`` 0 and 0.1; reference
+  grad (as inside a network), LoRA matrices trainable, each of ``--dropouts``; reference
   ``linear`` = the frozen ``nn.Linear`` alone, i.e. what the base layer costs without
   any adapter;
 * ``merged``: inference (eval, no grad) of the merged layer vs ``nn.Linear``;
 * ``unmerged``: inference with the adapter branch.
 
 It also reports the activation memory one layer keeps for backward (training mode,
-dropout 0 and 0.1): the unique storages handed to autograd's saved-tensor hooks, not
-counting the layer's own parameters, and the part of it beyond the layer input (which the
-previous layer keeps alive anyway).
+dropout 0 and each of ``--dropouts``): the unique storages handed to autograd's saved-tensor hooks, not
+counting the layer's own parameters, and the part of it beyond the layer input (which may
+or may not be kept alive by other layers). A last table sums up each dropout > 0 row:
+training time and activation memory (totals), ours / PEFT.
 
-    python tools/benchmark/lora_layer.py            # full table (~2-3 min on 2 cores)
+    python tools/benchmark/lora_layer.py            # full table
     python tools/benchmark/lora_layer.py --quick    # smoke run (seconds)
+    python tools/benchmark/lora_layer.py --threads 1 --clock cpu \
+        --layers proj qkv fc1 fc2 --dropouts 0.1    # dropout rows of every layer
 """
 from __future__ import annotations
 
@@ -161,31 +166,33 @@ def run(args: argparse.Namespace) -> str:
     emit(f'CPU: {cpu_name()} | threads: {torch.get_num_threads()} | torch {torch.__version__}'
          f' | peft {peft_version} | device {device} | clock {args.clock}'
          + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''))
-    emit(f'tokens {args.tokens}, layer {args.layer} (in x out = '
-         f'{LAYER_SHAPES[args.layer][0]}d x {LAYER_SHAPES[args.layer][1]}d), alpha = 2 r, '
+    shapes = ', '.join(f'{layer} {LAYER_SHAPES[layer][0]}d x {LAYER_SHAPES[layer][1]}d'
+                       for layer in args.layers)
+    emit(f'tokens {args.tokens}, layers (in x out): {shapes}, alpha = 2 r, '
          f'median of {args.repeats} repeats x {args.inner} calls, fp32')
     emit('')
 
-    configs = list(itertools.product(args.archs, args.ranks))
-    dropouts = [0.0] if args.no_dropout_timing else [0.0, 0.1]
-    # (arch, rank, dropout) -> name -> list of seconds
+    configs = list(itertools.product(args.layers, args.archs, args.ranks))
+    # (layer, arch, rank, dropout) -> name -> list of seconds
     timings: Dict[Tuple, Dict[str, List[float]]] = {}
     setups = {}
-    for arch, rank in configs:
-        d = ARCH_DIMS[arch]
-        d_in, d_out = d * LAYER_SHAPES[args.layer][0], d * LAYER_SHAPES[args.layer][1]
-        for p in dropouts:
+    for layer_name, arch, rank in configs:
+        d_in, d_out = _layer_dims(layer_name, arch)
+        for p in args.dropouts:
             variants = build_variants(d_in, d_out, rank, 2.0 * rank, p, device)
             x = torch.randn(1, args.tokens, d_in, device=device)
             diff = check_equal_outputs(variants, x)
             if diff == diff and diff > 1e-4:
-                raise RuntimeError(f'ours and PEFT disagree ({diff:.2e}) at {arch} r{rank}')
-            setups[(arch, rank, p)] = (variants, x.requires_grad_(True),
-                                       torch.randn(1, args.tokens, d_out, device=device))
-            timings[(arch, rank, p)] = {}
+                raise RuntimeError(f'ours and PEFT disagree ({diff:.2e}) at {layer_name} '
+                                   f'{arch} r{rank}')
+            key = (layer_name, arch, rank, p)
+            setups[key] = (variants, x.requires_grad_(True),
+                           torch.randn(1, args.tokens, d_out, device=device))
+            timings[key] = {}
 
     def jobs(key) -> List[Tuple[str, Callable[[], None], Callable[[], None]]]:
         variants, x, g = setups[key]
+        dropout = key[3]
         out = []
         for name, layer in variants.items():
             def prep_train(layer=layer):
@@ -196,10 +203,10 @@ def run(args: argparse.Namespace) -> str:
                 set_merged(layer, merged)
                 layer.eval()
 
-            if key[2] == 0.0 or name != 'linear':  # the plain layer has no dropout
+            if dropout == 0.0 or name != 'linear':  # the plain layer has no dropout
                 out.append((f'train/{name}', prep_train,
                             lambda layer=layer: train_step(layer, x, g)))
-            if key[2] == 0.0:
+            if dropout == 0.0:
                 xi = x.detach()
                 if name != 'linear':
                     out.append((f'unmerged/{name}', lambda layer=layer: prep_eval(layer, False),
@@ -235,10 +242,10 @@ def run(args: argparse.Namespace) -> str:
     emit('| shape | r | dropout | train ms: ours / PEFT / linear | ours/PEFT | ours/linear '
          '| unmerged infer ms: ours / PEFT | merged infer ms: ours / linear | merged ours/linear |')
     emit('|---|---|---|---|---|---|---|---|---|')
-    for (arch, rank, p) in setups:
-        key = (arch, rank, p)
+    for key in setups:
+        layer_name, arch, rank, p = key
         tr = [med(key, f'train/{n}') for n in ('ours', 'peft', 'linear')]
-        row = (f'| {arch} {args.layer} d={ARCH_DIMS[arch]} | {rank} | {p:g} | '
+        row = (f'| {arch} {layer_name} d={ARCH_DIMS[arch]} | {rank} | {p:g} | '
                f'{tr[0]:.2f} / {tr[1]:.2f} / {tr[2]:.2f} | {tr[0] / tr[1]:.3f} | '
                f'{tr[0] / tr[2]:.3f} | ').replace(' / nan |', ' / - |').replace('| nan |', '| - |')
         if p == 0.0:
@@ -257,24 +264,49 @@ def run(args: argparse.Namespace) -> str:
     emit('Activation memory kept for backward by one layer (MB; excluding its parameters; '
          '"beyond input" = not sharing the layer input\'s storage):')
     emit('| shape | r | dropout | ours: total / beyond input | PEFT: total / beyond input '
-         '| nn.Linear (frozen): total / beyond input |')
-    emit('|---|---|---|---|---|---|')
+         '| nn.Linear (frozen): total / beyond input | total ours/PEFT |')
+    emit('|---|---|---|---|---|---|---|')
     mb = 1.0 / 2**20
-    for arch, rank in configs:
-        d = ARCH_DIMS[arch]
-        d_in, d_out = d * LAYER_SHAPES[args.layer][0], d * LAYER_SHAPES[args.layer][1]
-        for p in (0.0, 0.1):
+    memory: Dict[Tuple, Dict[str, int]] = {}
+    for layer_name, arch, rank in configs:
+        d_in, d_out = _layer_dims(layer_name, arch)
+        for p in sorted({0.0, *args.dropouts}):
             variants = build_variants(d_in, d_out, rank, 2.0 * rank, p, device)
             x = torch.randn(1, args.tokens, d_in, device=device, requires_grad=True)
-            cells = []
+            cells, totals = [], {}
             for n in ('ours', 'peft', 'linear'):
                 if n not in variants:
                     cells.append('n/a')
                     continue
                 total, beyond = saved_activation_bytes(variants[n], x)
+                totals[n] = total
                 cells.append(f'{total * mb:.2f} / {beyond * mb:.2f}')
-            emit(f'| {arch} {args.layer} d={d} | {rank} | {p:g} | ' + ' | '.join(cells) + ' |')
+            memory[(layer_name, arch, rank, p)] = totals
+            mem_ratio = (f'{totals["ours"] / totals["peft"]:.3f}' if 'peft' in totals else '-')
+            emit(f'| {arch} {layer_name} d={ARCH_DIMS[arch]} | {rank} | {p:g} | '
+                 + ' | '.join(cells) + f' | {mem_ratio} |')
+
+    dropout_keys = [key for key in setups if key[3] > 0.0]
+    if dropout_keys and has_peft:
+        emit('')
+        emit('Training with dropout, ours / PEFT (time: medians above; memory: totals above):')
+        emit('| shape | layer | r | dropout | train ms: ours / PEFT | time ours/PEFT '
+             '| activation MB: ours / PEFT | memory ours/PEFT |')
+        emit('|---|---|---|---|---|---|---|---|')
+        for key in dropout_keys:
+            layer_name, arch, rank, p = key
+            t_ours, t_peft = med(key, 'train/ours'), med(key, 'train/peft')
+            mem = memory.get(key)
+            mem_cells = (f'{mem["ours"] * mb:.2f} / {mem["peft"] * mb:.2f} | '
+                         f'{mem["ours"] / mem["peft"]:.3f}' if mem else '- | -')
+            emit(f'| {arch} d={ARCH_DIMS[arch]} | {layer_name} | {rank} | {p:g} | '
+                 f'{t_ours:.2f} / {t_peft:.2f} | {t_ours / t_peft:.3f} | {mem_cells} |')
     return '\n'.join(lines)
+
+
+def _layer_dims(layer_name: str, arch: str) -> Tuple[int, int]:
+    d = ARCH_DIMS[arch]
+    return d * LAYER_SHAPES[layer_name][0], d * LAYER_SHAPES[layer_name][1]
 
 
 def _infer(layer: nn.Module, x: torch.Tensor) -> None:
@@ -288,12 +320,14 @@ def main(argv: Sequence[str] = None) -> int:
                         help='ViT-B only, rank 8, 3 repeats of 2 calls (a smoke run)')
     parser.add_argument('--archs', nargs='+', default=list(ARCH_DIMS), choices=list(ARCH_DIMS))
     parser.add_argument('--ranks', nargs='+', type=int, default=[8, 16])
-    parser.add_argument('--layer', default='proj', choices=list(LAYER_SHAPES))
+    parser.add_argument('--layers', nargs='+', default=['proj'], choices=list(LAYER_SHAPES),
+                        help='ViT linear layers to measure (default: proj)')
     parser.add_argument('--tokens', type=int, default=1600)
     parser.add_argument('--repeats', type=int, default=11)
     parser.add_argument('--inner', type=int, default=3)
-    parser.add_argument('--no-dropout-timing', action='store_true',
-                        help='time training with dropout 0 only (default: 0 and 0.1)')
+    parser.add_argument('--dropouts', nargs='+', type=float, default=[0.0, 0.1],
+                        help='dropout probabilities to time training with (default: 0 0.1; '
+                        'inference is timed with the dropout-0 layers only)')
     parser.add_argument('--clock', default='wall', choices=['wall', 'cpu'],
                         help="'cpu': thread CPU time, for busy machines (use with "
                         '--threads 1); default wall-clock')
@@ -301,6 +335,8 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument('--threads', type=int, default=None,
                         help='torch.set_num_threads (default: torch\'s choice)')
     args = parser.parse_args(argv)
+    if not all(0.0 <= p < 1.0 for p in args.dropouts):
+        parser.error(f'--dropouts must be in [0, 1), got {args.dropouts}')
     if args.quick:
         args.archs, args.ranks, args.repeats, args.inner = ['ViT-B'], [8], 3, 2
     if args.threads:
