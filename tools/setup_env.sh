@@ -75,6 +75,6 @@ else
         || { echo "[setup] mmcv was installed without its compiled ops" >&2; exit 1; }
 fi
 
-"${PIP[@]}" install -e "$ROOT[tests]" --no-build-isolation
+"${PIP[@]}" install -e "$ROOT[tests,export]" --no-build-isolation
 echo "$stamp" > "$stamp_file"
 log "done: activate with 'source $VENV/bin/activate'"

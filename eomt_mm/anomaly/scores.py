@@ -104,9 +104,10 @@ def _check_shapes(class_logits: Tensor, mask_logits: Tensor) -> None:
                          f'got last dimension {class_logits.shape[-1]}')
 
 
-def _scores_on_chunk(names: Sequence[str], probs: Tensor, logits: Tensor, best_prob: Tensor,
+def scores_on_chunk(names: Sequence[str], probs: Tensor, logits: Tensor, best_prob: Tensor,
                      sig: Tensor) -> Dict[str, Tensor]:
-    """Scores for one chunk of pixels.
+    """Scores for one chunk of pixels (the per-pixel formulas; :func:`compute_anomaly_scores`
+    loops it over chunks, the ONNX export and the ensemble scores call it on their own pixels).
 
     Args:
         names: validated score names.
@@ -180,6 +181,6 @@ def compute_anomaly_scores(class_logits: Tensor, mask_logits: Tensor,
     for start in range(0, h * w, chunk_pixels):
         stop = min(start + chunk_pixels, h * w)
         sig = flat[..., start:stop].float().sigmoid()
-        for name, value in _scores_on_chunk(names, probs, logits, best_prob, sig).items():
+        for name, value in scores_on_chunk(names, probs, logits, best_prob, sig).items():
             outs[name][:, start:stop] = value
     return {name: value.view(b, h, w) for name, value in outs.items()}

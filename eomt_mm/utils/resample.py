@@ -19,7 +19,8 @@ import torch.nn.functional as F
 def _pair(size: int | Sequence[int], name: str) -> Tuple[int, int]:
     if isinstance(size, int):
         return size, size
-    size = tuple(int(s) for s in size)
+    # Symbolic sizes stay symbolic under torch.export (dynamic ONNX export of the backbone).
+    size = tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)
     if len(size) != 2:
         raise ValueError(f'{name} must be an int or a (height, width) pair, got {size}')
     return size
@@ -49,7 +50,9 @@ def resize_pos_embed_grid(pos_embed: torch.Tensor,
     if pos_embed.shape[1] != src_h * src_w:
         raise ValueError(f'pos_embed has {pos_embed.shape[1]} positions but the source grid '
                          f'{src_h}x{src_w} needs {src_h * src_w}')
-    if (src_h, src_w) == (dst_h, dst_w):
+    # Only concrete sizes are compared: a comparison with a symbolic size would pin the exported
+    # graph to the example's grid.
+    if all(isinstance(v, int) for v in (dst_h, dst_w)) and (src_h, src_w) == (dst_h, dst_w):
         return pos_embed
     channels = pos_embed.shape[-1]
     grid = pos_embed.float().reshape(1, src_h, src_w, channels).permute(0, 3, 1, 2)

@@ -262,7 +262,7 @@ class DINOv2(VisionTransformer):
                              f'{height // self.patch_size * self.patch_size}x'
                              f'{width // self.patch_size * self.patch_size})')
         tokens, hw = self.patch_embed(x)
-        hw = (int(hw[0]), int(hw[1]))
+        hw = (hw[0], hw[1])  # sizes stay symbolic under torch.export (dynamic ONNX export)
         tokens = tokens + self.resized_pos_embed(hw)
         prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
         if self.register_tokens is not None:

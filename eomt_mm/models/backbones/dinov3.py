@@ -282,7 +282,7 @@ class DINOv3(DINOv2):
                              f'{height // self.patch_size * self.patch_size}x'
                              f'{width // self.patch_size * self.patch_size})')
         tokens, hw = self.patch_embed(x)
-        hw = (int(hw[0]), int(hw[1]))
+        hw = (hw[0], hw[1])  # sizes stay symbolic under torch.export (dynamic ONNX export)
         prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
         if self.register_tokens is not None:
             prefix.append(self.register_tokens.expand(tokens.shape[0], -1, -1))
