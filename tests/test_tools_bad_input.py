@@ -127,10 +127,11 @@ def _corrupt(path):
 def test_corrupt_training_image_names_file_and_fix(trained, data_copy):
     image = sorted((data_copy / 'leftImg8bit' / 'train').rglob('*.png'))[5]
     _corrupt(image)
-    # Resuming replays the 6 trained batches (12 draws over 8 images, a
-    # permutation per epoch), so every image is read.
+    # Resuming with a longer schedule replays the 6 trained batches (12 draws
+    # over 8 images, a permutation per epoch), so every image is read. (A run
+    # already at max_iters stops before that: FinishedRunHook.)
     with pytest.raises(CorruptImageError) as info:
-        _resume(trained, data_copy)
+        _resume(trained, data_copy, 'train_cfg.max_iters=8')
     msg = str(info.value)
     assert str(image) in msg
     assert 'corrupt or truncated' in msg

@@ -37,9 +37,13 @@ import eomt_mm  # noqa: F401  (registers WithLoRA, LoRALinear, the models)
 from eomt_mm.engine.checkpoint import load_checkpoint_weights_only
 from eomt_mm.engine.hooks.lora_checkpoint_hook import (is_adapter_only_checkpoint,
                                                        restore_frozen_base)
+from eomt_mm.engine.lora_record import (LoRAConfigMismatchError, check_lora_config,
+                                        recorded_checkpoint_lora_config)
 from eomt_mm.engine.safe_checkpoint import install_safe_checkpointing
 from eomt_mm.lora import merge_lora
 from eomt_mm.lora.adapters import is_adapter_path, lora_layers, load_adapter
+from eomt_mm.lora.adapters.state import layer_scale_state, set_layer_scale_state
+from eomt_mm.lora.config import LORA_CONFIG_ATTR
 from eomt_mm.utils.io import atomic_write
 
 _MAX_LISTED = 10
@@ -62,6 +66,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='skip building the model without LoRA to check the keys')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         metavar='KEY=VALUE', help='override config entries')
+    parser.add_argument('--lora-from-config', action='store_true',
+                        help="use the config's lora_config even where the checkpoint or "
+                        'adapter was trained with other LoRA settings (lora_alpha, '
+                        'use_rslora, rank, targets, ...); without it they are refused')
     return parser.parse_args(argv)
 
 
@@ -120,15 +128,48 @@ def _check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Any],
                          '\n  '.join(problems))
 
 
-def load_into(model: torch.nn.Module, checkpoint_path: str) -> str:
-    """Load CHECKPOINT into the LoRA model; returns a description of what was loaded."""
+def _check_lora_settings(model: torch.nn.Module, trained: Optional[Mapping], source: str,
+                         lora_from_config: bool) -> None:
+    """Refuse weights trained with other LoRA settings than the model's (unless told)."""
+    if lora_from_config:
+        return
+    try:
+        check_lora_config(trained, getattr(model, LORA_CONFIG_ATTR, None), source,
+                          '--lora-from-config')
+    except LoRAConfigMismatchError as err:
+        raise MergeError(str(err)) from None
+
+
+def load_into(model: torch.nn.Module, checkpoint_path: str,
+              lora_from_config: bool = False) -> str:
+    """Load CHECKPOINT into the LoRA model; returns a description of what was loaded.
+
+    Args:
+        model: The model built from the config, with LoRA.
+        checkpoint_path: An mmengine checkpoint, a state dict or an adapter folder.
+        lora_from_config: Use the config's LoRA settings even where the checkpoint or
+            adapter records others (otherwise refused).
+    """
     if is_adapter_path(checkpoint_path):
         # The adapter carries no base weights: they come from the config's init_cfg.
         model.init_weights()
+        config_scales = {name: layer_scale_state(layer)
+                         for name, layer in lora_layers(model).items()}
         try:
-            load_adapter(model, checkpoint_path, strict=True, check_base='error')
+            adapter_config = load_adapter(model, checkpoint_path, strict=True,
+                                          check_base='error')
         except ValueError as err:
             raise MergeError(str(err)) from None
+        trained = adapter_config.get('lora_config')
+        if trained is not None:
+            _check_lora_settings(model, trained, f'adapter {checkpoint_path!r}',
+                                 lora_from_config)
+        if lora_from_config:
+            # load_adapter takes each layer's alpha / rslora from the adapter; the flag
+            # says the config's values are wanted.
+            layers = lora_layers(model)
+            for name, state in config_scales.items():
+                set_layer_scale_state(layers[name], state)
         return 'adapter'
     if not osp.isfile(checkpoint_path):
         raise MergeError(f'checkpoint {checkpoint_path!r} is neither a file nor an adapter '
@@ -147,6 +188,10 @@ def load_into(model: torch.nn.Module, checkpoint_path: str) -> str:
     if not isinstance(state_dict, Mapping):
         raise MergeError(f"{checkpoint_path!r}: 'state_dict' is a "
                          f'{type(state_dict).__name__}, expected a dict of tensors')
+    recorded, trained = recorded_checkpoint_lora_config(obj)
+    if recorded:
+        _check_lora_settings(model, trained, f'checkpoint {checkpoint_path!r}',
+                             lora_from_config)
     state_dict = _strip_module_prefix(dict(state_dict))
     if is_adapter_only_checkpoint(obj):
         model.init_weights()
@@ -168,8 +213,20 @@ def save_atomic(obj: Any, out: str) -> None:
 
 
 def merge(config: str, checkpoint: str, out: str, device: str = 'cpu',
-          verify: bool = True, cfg_options: Optional[Mapping] = None) -> Dict[str, Any]:
-    """Build, load, merge, check and write; returns the written ``meta``."""
+          verify: bool = True, cfg_options: Optional[Mapping] = None,
+          lora_from_config: bool = False) -> Dict[str, Any]:
+    """Build, load, merge, check and write; returns the written ``meta``.
+
+    Args:
+        config: The training config.
+        checkpoint: An mmengine checkpoint, a state dict or an adapter folder.
+        out: The merged checkpoint to write.
+        device: Device to merge on.
+        verify: Check the merged keys against the model built without LoRA.
+        cfg_options: ``--cfg-options`` overrides.
+        lora_from_config: Use the config's LoRA settings even where the checkpoint or
+            adapter records others (otherwise they are refused).
+    """
     # init_cfg=dict(type='Pretrained') loads the base through mmengine: weights only.
     install_safe_checkpointing()
     if not osp.isfile(config):
@@ -197,7 +254,7 @@ def merge(config: str, checkpoint: str, out: str, device: str = 'cpu',
         raise MergeError(f'the model of {config!r} has no LoRALinear layer (no enabled '
                          'lora_config): there is nothing to merge')
     lora_cfg = getattr(model, '_lora_config', None)
-    kind = load_into(model, checkpoint)
+    kind = load_into(model, checkpoint, lora_from_config=lora_from_config)
     model.eval()
     merge_lora(model)
     state_dict = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
@@ -221,7 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         meta = merge(args.config, args.checkpoint, args.out, device=args.device,
-                     verify=not args.no_verify, cfg_options=args.cfg_options)
+                     verify=not args.no_verify, cfg_options=args.cfg_options,
+                     lora_from_config=args.lora_from_config)
     except (MergeError, FileNotFoundError, ValueError, RuntimeError,
             pickle.UnpicklingError) as err:
         # AdapterMismatchError (ValueError), UnsafeCheckpointError (UnpicklingError)

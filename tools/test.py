@@ -27,8 +27,10 @@ if _REPO_ROOT not in sys.path:
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
 
 import eomt_mm  # noqa: E402,F401  (registers the components)
-from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
+from eomt_mm.engine.data_check import (check_data_folders,  # noqa: E402
+                                       check_label_files)
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
+from eomt_mm.engine.hooks import add_lora_config_check_hook  # noqa: E402
 from eomt_mm.engine.runner import build_runner, load_config  # noqa: E402
 from eomt_mm.engine.safe_checkpoint import install_safe_checkpointing  # noqa: E402
 
@@ -66,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--tta', action='store_true', help='test-time augmentation '
         '(the config must define tta_model and tta_pipeline)')
+    parser.add_argument(
+        '--lora-from-config', action='store_true',
+        help="use the config's lora_config even where the checkpoint was trained with "
+        'other LoRA settings (lora_alpha, use_rslora, rank, targets, ...); without it '
+        'such a checkpoint is refused')
     # torch.distributed.launch passes --local-rank (newer) / --local_rank.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
@@ -110,6 +117,10 @@ def build_cfg(args: argparse.Namespace) -> Config:
 
     cfg.load_from = args.checkpoint
     cfg.resume = False
+    if not args.lora_from_config:
+        # LoRA's scaling is not in the weights: compare the checkpoint's training
+        # lora_config with the config's before evaluating (eomt_mm/engine/lora_record.py).
+        add_lora_config_check_hook(cfg)
 
     if args.show or args.show_dir:
         _enable_visualization(cfg, args)
@@ -139,6 +150,9 @@ def main(argv=None) -> dict:
     # A missing data folder stops here with the folder and how to get it
     # (see eomt_mm/engine/data_check.py for why this is not left to mmseg).
     check_data_folders(cfg, ['test_dataloader'])
+    # Every image's label file, before the evaluation starts (mmseg opens a label only when
+    # its image comes up).
+    check_label_files(cfg, ['test_dataloader'])
     prepare_cpu_distributed(cfg, args.launcher)
     runner = build_runner(cfg)
     return runner.test()

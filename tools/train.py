@@ -29,12 +29,9 @@ do not fit one GPU); otherwise ``Runner`` is used.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import os.path as osp
-import re
 import sys
-from typing import Optional
 
 # Running ``python tools/train.py`` puts tools/ on sys.path, not the repo
 # root; make the checkout's package importable without an install.
@@ -48,11 +45,16 @@ from mmengine.logging import print_log  # noqa: E402
 import eomt_mm  # noqa: E402,F401  (registers the components)
 from eomt_mm.engine.amp import (AMP_DTYPES, enable_amp,  # noqa: E402
                                 fall_back_to_fp32_on_cpu)
-from eomt_mm.engine.data_check import check_data_folders  # noqa: E402
+from eomt_mm.engine.data_check import (check_data_folders,  # noqa: E402
+                                       check_label_files)
 from eomt_mm.engine.dist import prepare_cpu_distributed  # noqa: E402
 from eomt_mm.engine.runner import build_runner, load_config  # noqa: E402
 from eomt_mm.engine.safe_checkpoint import install_safe_checkpointing  # noqa: E402
-from eomt_mm.engine.hooks import add_rng_state_hook  # noqa: E402
+from eomt_mm.engine.hooks import (TrainingAlreadyFinished,  # noqa: E402
+                                  add_finished_run_hook, add_rng_state_hook)
+# Re-exported: the --resume fallback lived here before it moved to the engine.
+from eomt_mm.engine.work_dir import (checkpoint_behind_broken_record,  # noqa: E402,F401
+                                     checkpoint_folders, remove_stale_temp_files)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,6 +116,8 @@ def build_cfg(args: argparse.Namespace) -> Config:
     # mmengine does not checkpoint torch's RNG; without this hook a resumed
     # run draws other dropout masks than an uninterrupted one.
     add_rng_state_hook(cfg)
+    # A resumed run that already reached max_iters says so instead of finishing silently.
+    add_finished_run_hook(cfg)
 
     if args.resume == 'auto':
         cfg.resume = True
@@ -129,47 +133,6 @@ def build_cfg(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def checkpoint_behind_broken_record(work_dir: str) -> Optional[str]:
-    """The checkpoint to resume from when ``work_dir/last_checkpoint`` is unusable.
-
-    mmengine resumes from the path recorded in ``last_checkpoint``; a record left empty by a
-    run killed while writing it (mmengine without safe checkpointing installed) or
-    naming a deleted file stops ``--resume`` with "Checkpoint file '' does not exist". Then the
-    newest ``iter_*.pth`` / ``epoch_*.pth`` of the work dir is used instead, with a warning.
-
-    Args:
-        work_dir: The run's work dir.
-
-    Returns:
-        None when the record is absent (mmengine starts from scratch) or usable; else the
-        newest checkpoint's path.
-
-    Raises:
-        FileNotFoundError: If the record is unusable and the work dir holds no checkpoint.
-    """
-    record = osp.join(work_dir, 'last_checkpoint')
-    if not osp.isfile(record):
-        return None
-    with open(record) as f:
-        recorded = f.read().strip()
-    if recorded and osp.isfile(recorded):
-        return None
-    found = []
-    for name in os.listdir(work_dir):
-        match = re.fullmatch(r'(iter|epoch)_(\d+)\.pth', name)
-        if match:
-            found.append((int(match.group(2)), osp.join(work_dir, name)))
-    problem = ('is empty' if not recorded else f'names {recorded!r}, which does not exist')
-    if not found:
-        raise FileNotFoundError(
-            f'--resume: {record} {problem} and {work_dir} holds no iter_*.pth / epoch_*.pth '
-            'checkpoint; pass --resume PATH, or remove that file to start from scratch.')
-    newest = max(found)[1]
-    print_log(f'--resume: {record} {problem}; resuming from the newest checkpoint in the work '
-              f'dir, {newest}', logger='current', level=logging.WARNING)
-    return newest
-
-
 def main(argv=None) -> None:
     # Weights-only checkpoint loading and atomic checkpoint writes in mmengine (what changes:
     # eomt_mm/engine/safe_checkpoint.py).
@@ -183,9 +146,21 @@ def main(argv=None) -> None:
     if cfg.get('val_cfg') is not None:
         loaders.append('val_dataloader')
     check_data_folders(cfg, loaders)
+    # Every image's label file, also before anything is written (mmseg only opens a label
+    # when its image is first sampled).
+    check_label_files(cfg, loaders)
     prepare_cpu_distributed(cfg, args.launcher)
     runner = build_runner(cfg)
-    runner.train()
+    if runner.rank == 0:
+        # Temporary files of writers killed while saving (checkpoint-sized); only rank 0
+        # writes checkpoints, so only it cleans up.
+        out_dir = ((cfg.get('default_hooks') or {}).get('checkpoint') or {}).get('out_dir')
+        remove_stale_temp_files(checkpoint_folders(runner.work_dir, out_dir))
+    try:
+        runner.train()
+    except TrainingAlreadyFinished as finished:
+        print_log(f'tools/train.py: {finished}', logger='current')
+        return
 
 
 if __name__ == '__main__':

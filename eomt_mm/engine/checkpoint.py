@@ -22,6 +22,7 @@ import os
 import os.path as osp
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, List, Sequence, Tuple, Union
 
@@ -30,7 +31,8 @@ import torch
 from mmengine.logging.history_buffer import HistoryBuffer
 
 __all__ = [
-    'UnsafeCheckpointError', 'MMENGINE_SAFE_GLOBALS', 'load_checkpoint_weights_only',
+    'UnsafeCheckpointError', 'NotACheckpointError', 'MMENGINE_SAFE_GLOBALS',
+    'load_checkpoint_weights_only',
     'load_from_local_weights_only', 'wrap_remote_loader', 'is_weights_only_loader'
 ]
 
@@ -154,6 +156,49 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
         super().__init__(msg)
 
 
+class NotACheckpointError(RuntimeError):
+    """A file is not a readable torch checkpoint: empty, truncated, corrupt or another type.
+
+    Args:
+        filename: The file that was refused.
+        reason: What the reader said (never torch's advice to load unsafely).
+    """
+
+    def __init__(self, filename: str, reason: str) -> None:
+        self.filename = filename
+        size = osp.getsize(filename) if osp.isfile(filename) else 0
+        what = 'an empty file' if size == 0 else f'{size} bytes'
+        super().__init__(
+            f'Checkpoint file {filename!r} is not a torch checkpoint (corrupt or wrong file '
+            f'type; {what}): {reason.splitlines()[0] if reason else "unreadable"}. Expected '
+            'a file written by torch.save (a zip archive); a truncated or corrupt copy must '
+            'be copied or saved again.')
+
+
+def _undecodable(filename: str, message: str) -> bool:
+    """Whether a weights-only failure means "not a pickle torch can read" (no refused object).
+
+    torch's unpickler reports bytes that are no pickle opcode it knows as "Unsupported
+    operand N": random bytes, a numpy ``.npy`` file, a plain ``pickle.dump`` (protocol 4+,
+    which ``torch.save`` never writes by default) or text. A refused object is reported with
+    its name instead (``GLOBAL ... was not an allowed global``).
+
+    Args:
+        filename: The file ``torch.load`` failed on.
+        message: torch's error message.
+
+    Returns:
+        True when the failure is about the bytes, not about an object in them.
+    """
+    if not re.search(r'Unsupported operand|invalid load key|unpickling stack underflow|'
+                     r'pickle data was truncated|could not find MARK', message):
+        return False
+    # torch's own format is a zip archive; inside one, "Unsupported operand" is a pickle
+    # written with a newer protocol (torch.save(..., pickle_protocol=4)), which is still
+    # decodable in principle, so it stays an unsafe-loading refusal with the reason.
+    return not zipfile.is_zipfile(filename)
+
+
 def _unpickler_reason(message: str) -> str:
     """Extract the weights-only unpickler's own reason from torch's message.
 
@@ -241,7 +286,8 @@ def load_checkpoint_weights_only(filename: Union[str, Path],
         FileNotFoundError: If the file does not exist.
         UnsafeCheckpointError: If the file pickles anything outside
             :data:`MMENGINE_SAFE_GLOBALS` and torch's weights-only set.
-        RuntimeError: If the file is not a readable torch checkpoint.
+        NotACheckpointError: If the file is not a readable torch checkpoint (empty,
+            truncated, corrupt, another file type); a RuntimeError.
     """
     filename = osp.expanduser(str(filename))
     if not osp.isfile(filename):
@@ -253,21 +299,18 @@ def load_checkpoint_weights_only(filename: Union[str, Path],
                 filename, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             offending = _offending_globals(filename, str(err))
-            if offending or 'Weights only load failed' in str(err):
+            if offending or ('Weights only load failed' in str(err)
+                             and not _undecodable(filename, str(err))):
                 raise UnsafeCheckpointError(filename, offending,
                                             str(err)) from None
-            raise RuntimeError(
-                f'Checkpoint file {filename!r} could not be read as a torch '
-                f'checkpoint (truncated or corrupt?): {err}') from err
+            raise NotACheckpointError(filename, _unpickler_reason(str(err))) from None
         except (FileNotFoundError, PermissionError):
             raise
         except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
             # A truncated zip raises RuntimeError or OSError(EINVAL); a file
             # that is not a zip falls into torch's legacy reader and fails
             # with KeyError/EOFError.
-            raise RuntimeError(
-                f'Checkpoint file {filename!r} could not be read as a torch '
-                f'checkpoint (truncated or corrupt?): {err}') from err
+            raise NotACheckpointError(filename, f'{type(err).__name__}: {err}') from None
 
 
 def wrap_remote_loader(loader: Callable) -> Callable:

@@ -17,11 +17,16 @@ is quoted in the error. Without one the error points at the README.
 """
 from __future__ import annotations
 
+import copy
 import os
 import os.path as osp
 from typing import Any, Iterator, List, Mapping, Sequence, Tuple
 
-__all__ = ['check_data_folders', 'dataset_paths']
+from mmengine.registry import DATASETS, DefaultScope
+
+__all__ = ['check_data_folders', 'dataset_paths', 'check_label_files']
+
+_MAX_LISTED = 10
 
 _GENERIC_HINT = ('see the README section "Data preparation" (built-in demo: '
                  '`python tools/make_demo_data.py`; Cityscapes, ADE20K and '
@@ -79,6 +84,39 @@ def _has_files(folder: str) -> bool:
     return False
 
 
+def _shown(path: str) -> str:
+    """``path`` quoted, with the absolute path it resolves to when it is relative."""
+    expanded = osp.expanduser(path)
+    if osp.isabs(expanded):
+        return repr(path)
+    return f'{path!r} (resolved to {osp.abspath(expanded)!r})'
+
+
+def _relative_note(cfg: Mapping, relative: Sequence[str]) -> str:
+    """Where relative paths were resolved, and where they do exist, if somewhere else.
+
+    A relative ``data_root`` is taken from the working directory, not from the config's
+    folder: run from another folder and the data seem missing although they are there.
+    """
+    if not relative:
+        return ''
+    note = (f'\nRelative paths are resolved from the working directory {os.getcwd()!r}.')
+    config_file = getattr(cfg, 'filename', None)
+    if config_file:
+        # The config's folder and its parents (the repository root for configs/...).
+        folder = osp.dirname(osp.abspath(config_file))
+        while True:
+            if all(osp.exists(osp.join(folder, p)) for p in relative):
+                note += (f' They exist under {folder!r}: run from there, or give absolute '
+                         'paths (e.g. data_root below).')
+                break
+            parent = osp.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
+    return note
+
+
 def check_data_folders(cfg: Mapping,
                        dataloaders: Sequence[str] = ('train_dataloader',
                                                      'val_dataloader')
@@ -98,6 +136,7 @@ def check_data_folders(cfg: Mapping,
     """
     hint = cfg.get('data_preparation') or _GENERIC_HINT
     problems: List[str] = []
+    relative: List[str] = []
     for name in dataloaders:
         loader = cfg.get(name)
         if not isinstance(loader, Mapping) or 'dataset' not in loader:
@@ -110,12 +149,16 @@ def check_data_folders(cfg: Mapping,
                 continue  # inside a missing data_root: already reported
             if what == 'data_root' and not osp.isdir(expanded):
                 missing_roots.append(expanded)
+            missing = (not osp.isfile(expanded) if what == 'ann_file' else
+                       not osp.isdir(expanded))
+            if missing and not osp.isabs(expanded):
+                relative.append(expanded)
             if what == 'ann_file':
-                if not osp.isfile(expanded):
-                    problems.append(f'{name}.dataset.{what} {path!r} does not '
+                if missing:
+                    problems.append(f'{name}.dataset.{what} {_shown(path)} does not '
                                     'exist')
-            elif not osp.isdir(expanded):
-                problems.append(f'{name}.dataset.{what}: folder {path!r} '
+            elif missing:
+                problems.append(f'{name}.dataset.{what}: folder {_shown(path)} '
                                 'does not exist')
             elif what != 'data_root' and not _has_files(expanded):
                 problems.append(f'{name}.dataset.{what}: folder {path!r} is '
@@ -126,8 +169,84 @@ def check_data_folders(cfg: Mapping,
         unique = list(dict.fromkeys(problems))
         raise FileNotFoundError(
             'The data this config reads is missing:\n  - ' +
-            '\n  - '.join(unique) + f'\nTo get the data: {hint}. If the data '
+            '\n  - '.join(unique) + _relative_note(cfg, relative) +
+            f'\nTo get the data: {hint}. If the data '
             'lives elsewhere, point the config at it, e.g. --cfg-options '
             'train_dataloader.dataset.data_root=DIR '
             'val_dataloader.dataset.data_root=DIR '
             'test_dataloader.dataset.data_root=DIR.')
+
+
+def _without_pipelines(dataset_cfg: Any) -> Any:
+    """A copy of a dataset config with every ``pipeline`` emptied.
+
+    Listing the samples needs no transform, and some transforms do heavy work when built
+    (``PasteOutliers`` reads the COCO annotation file).
+    """
+    if isinstance(dataset_cfg, Mapping):
+        return type(dataset_cfg)({k: [] if k == 'pipeline' else _without_pipelines(v)
+                                  for k, v in dataset_cfg.items()})
+    if isinstance(dataset_cfg, (list, tuple)):
+        return type(dataset_cfg)(_without_pipelines(v) for v in dataset_cfg)
+    return copy.deepcopy(dataset_cfg)
+
+
+def _data_infos(dataset: Any) -> Iterator[dict]:
+    """Every sample's info of a built dataset, through ConcatDataset / RepeatDataset."""
+    if hasattr(dataset, 'datasets'):
+        for inner in dataset.datasets:
+            yield from _data_infos(inner)
+    elif hasattr(dataset, 'dataset') and not hasattr(dataset, 'data_list'):
+        yield from _data_infos(dataset.dataset)
+    elif hasattr(dataset, 'get_data_info'):
+        for index in range(len(dataset)):
+            yield dataset.get_data_info(index)
+
+
+def check_label_files(cfg: Mapping,
+                      dataloaders: Sequence[str] = ('train_dataloader', )) -> None:
+    """Raise a clear error if an image of a dataloader's dataset has no label file.
+
+    mmseg's ``BaseSegDataset`` derives each label path from its image path and never checks
+    it, so a missing label surfaced as a bare file-system error when that image was first
+    sampled, possibly hours into training. Here the datasets are built (mmseg's own
+    listing, so any dataset class and ``ann_file`` work) and every ``seg_map_path`` is
+    checked before the Runner exists and before anything is written.
+
+    Args:
+        cfg: The full config (``mmengine.Config`` or a dict); its ``default_scope``
+            (default ``'mmseg'``) resolves the dataset types.
+        dataloaders: Names of the dataloader entries to check; absent or ``None`` entries
+            are skipped.
+
+    Raises:
+        FileNotFoundError: Naming the dataloader, how many labels are missing, and the
+            first image / label pairs.
+    """
+    scope = cfg.get('default_scope') or 'mmseg'
+    problems: List[str] = []
+    for name in dataloaders:
+        loader = cfg.get(name)
+        if not isinstance(loader, Mapping) or 'dataset' not in loader:
+            continue
+        with DefaultScope.overwrite_default_scope(scope):
+            dataset = DATASETS.build(_without_pipelines(loader['dataset']))
+        total, missing = 0, []
+        for info in _data_infos(dataset):
+            total += 1
+            label = info.get('seg_map_path')
+            if isinstance(label, str) and '://' not in label and not osp.isfile(label):
+                missing.append((info.get('img_path'), label))
+        if missing:
+            listed = '\n    '.join(f'image {img!r}: label {label!r} does not exist'
+                                   for img, label in missing[:_MAX_LISTED])
+            more = len(missing) - _MAX_LISTED
+            problems.append(f'{name}: {len(missing)} of {total} images have no label file:'
+                            f'\n    {listed}' + (f'\n    ... and {more} more'
+                                                 if more > 0 else ''))
+    if problems:
+        raise FileNotFoundError(
+            'Label files are missing (checked before training, nothing was written):\n  - ' +
+            '\n  - '.join(problems) + '\nEvery image needs its label (the dataset\'s '
+            'seg_map_suffix next to img_suffix): restore the missing files (render or prepare '
+            'the data again), or remove those images.')

@@ -112,6 +112,22 @@ class MaskAnnealingHook(Hook):
                             f'(EoMT); got {type(model).__name__}')
         return decoder
 
+    @staticmethod
+    def _short_schedule_message(runner, max_iters: int) -> str:
+        """What to do when ``auto_windows`` cannot derive windows from ``max_iters``."""
+        hooks = list((getattr(runner, 'cfg', None) or {}).get('custom_hooks') or [])
+        index = next((i for i, h in enumerate(hooks)
+                      if isinstance(h, dict) and h.get('type') == 'MaskAnnealingHook'), None)
+        where = f'custom_hooks.{index}' if index is not None else 'the MaskAnnealingHook entry'
+        return (f'MaskAnnealingHook(auto_windows=True): the schedule has max_iters={max_iters}, '
+                'but the annealing windows derived from it need at least 6 iterations (each '
+                'window lasts max_iters / 6). For a run this short give the windows yourself '
+                f'({where}: start_iters=[...], end_iters=[...], one per query block, e.g. '
+                f'--cfg-options {where}.auto_windows=False {where}.start_iters=[0,1] '
+                f'{where}.end_iters=[1,2] for 2 blocks), or remove the hook from '
+                'custom_hooks to train without mask annealing (masked attention then stays on '
+                'for the whole run).')
+
     def probabilities(self, it: int) -> List[float]:
         """Keep probabilities of all blocks at iteration ``it``."""
         return [mask_keep_probability(it, s, e, self.power)
@@ -121,8 +137,11 @@ class MaskAnnealingHook(Hook):
         """Write the probabilities for ``runner.iter`` into the model's buffer."""
         decoder = self._decoder(runner)
         if self.start_iters is None:
+            max_iters = int(runner.max_iters)
+            if max_iters < 6:
+                raise ValueError(self._short_schedule_message(runner, max_iters))
             self.start_iters, self.end_iters = mask_annealing_windows(
-                int(runner.max_iters), int(decoder.attn_mask_probs.numel()))
+                max_iters, int(decoder.attn_mask_probs.numel()))
             runner.logger.info(f'MaskAnnealingHook windows: start {self.start_iters}, '
                                f'end {self.end_iters}')
         if len(self.start_iters) != decoder.attn_mask_probs.numel():

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from eomt_mm.utils.io import atomic_write
@@ -134,6 +135,41 @@ def is_adapter_path(path: str) -> bool:
     return True
 
 
+def _load_weights(weights_path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors``, refusing unreadable or non-finite ones.
+
+    Args:
+        weights_path (str): The adapter's weights file.
+
+    Returns:
+        dict: CPU tensors by state-dict key.
+
+    Raises:
+        ValueError: If the file is not a readable safetensors file (empty, truncated,
+            corrupt), naming it; or if a floating-point tensor holds NaN or inf values,
+            naming the tensor (such an adapter would make every output NaN).
+    """
+    try:
+        tensors = load_file(weights_path, device='cpu')
+    except SafetensorError as err:
+        # safetensors' own message ("header too small", ...) does not name the file.
+        raise ValueError(
+            f'{weights_path}: not a readable safetensors file ({err}; '
+            f'{osp.getsize(weights_path)} bytes): the adapter file is empty, truncated or '
+            'corrupt. Save the adapter again with save_adapter (or copy it again).') from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise ValueError(
+                    f'{weights_path}: adapter tensor {key!r} {list(tensor.shape)} holds '
+                    f'{bad} non-finite value(s) (NaN or inf); it would make every output '
+                    'NaN. The training that wrote it diverged: use an earlier adapter or '
+                    'checkpoint.')
+    return tensors
+
+
 def read_adapter(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read an adapter folder without a model: ``(tensors, config)``.
 
@@ -159,7 +195,7 @@ def read_adapter(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     for field in ('layers', 'tensors'):
         if not isinstance(config.get(field), dict):
             raise ValueError(f'{config_path}: field {field!r} missing or not an object')
-    tensors = load_file(weights_path, device='cpu')
+    tensors = _load_weights(weights_path)
     listed, stored = set(config['tensors']), set(tensors)
     if listed != stored:
         raise ValueError(
