@@ -20,3 +20,18 @@ install_safe_checkpointing()
 def _fixed_torch_random_state():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _mmseg_default_scope():
+    """Every test starts in mmseg's scope, whatever an earlier test's Runner left current.
+
+    mmengine keeps the most recently created ``DefaultScope`` current for the whole process, and
+    ``Registry.build`` resolves unscoped types in the current scope's registry: a Runner built
+    with ``default_scope='mmengine'`` in one test would otherwise make ``MODELS.build`` of an
+    mmseg type fail in a later one. ``overwrite_default_scope`` restores the previous scopes on
+    exit.
+    """
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        yield
