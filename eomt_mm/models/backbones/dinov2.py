@@ -162,6 +162,12 @@ class DINOv2(VisionTransformer):
             layer_scale_init_value=layer_scale_init_value, patch_cfg=patch_cfg,
             layer_cfgs=layer_cfgs, pre_norm=pre_norm, init_cfg=init_cfg)
 
+        # mmpretrain draws the per-block drop-path rates with np.linspace, so each DropPath holds
+        # a numpy float, which torch.compile turns into a tensor whose guard fails under
+        # torch.inference_mode; a plain float behaves the same in eager mode and compiles.
+        for module in self.modules():
+            if hasattr(module, 'drop_prob'):
+                module.drop_prob = float(module.drop_prob)
         self.arch_name = arch if isinstance(arch, str) else 'custom'
         self.ffn_type = ffn_type
         self.patch_size = patch_size
