@@ -14,6 +14,7 @@ from mmengine.registry import HOOKS, PARAM_SCHEDULERS, init_default_scope
 from mmseg.registry import MODELS
 
 from eomt_mm.engine.amp import fall_back_to_fp32_on_cpu
+from eomt_mm.anomaly.ensemble.stacked import StackedLoRALinear
 from eomt_mm.lora import LoRALinear
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
@@ -62,7 +63,8 @@ def test_config_builds(path):
     assert in_optimizer == trainable
 
     lora_cfg = cfg.model.get('lora_config')
-    lora_layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    # An adapter ensemble holds its members' LoRA matrices stacked, one layer per base layer.
+    lora_layers = [m for m in model.modules() if isinstance(m, (LoRALinear, StackedLoRALinear))]
     if lora_cfg and lora_cfg.get('enabled', True):
         assert lora_layers
         train_adapters = lora_cfg.get('train_adapters', True)

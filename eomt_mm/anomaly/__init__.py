@@ -20,3 +20,4 @@ from .pixel_metrics import (PixelMetrics, pixel_metrics_from_arrays,  # noqa: F4
 from .scores import SCORE_NAMES, compute_anomaly_scores, semantic_map  # noqa: F401
 from .segmentor import AnomalyEoMT  # noqa: F401
 from .visualization import AnomalyVisHook, anomaly_panel  # noqa: F401
+from .ensemble import AdapterEnsembleEoMT, SaveMemberAdaptersHook  # noqa: F401,E402

@@ -39,7 +39,7 @@ from .component_metrics import (aggregate_component_stats, frame_component_stats
                                 track_size_filters)
 from .exact_store import MAX_ENTRIES, Exchange, exact_pixel_metrics, spill_sorted_runs
 from .metric_inputs import frame_name, sample_arrays
-from .scores import check_score_names
+from .scores import check_evaluated_score_names
 from .smiyc_protocol import COMPONENT_KEYS, SmiycProtocol
 from .spill import SpillFolder, read_segment
 
@@ -123,7 +123,8 @@ class AnomalyMetric(BaseMetric):
                  prefix: Optional[str] = None,
                  collect_dir: Optional[str] = None) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix, collect_dir=collect_dir)
-        self.score_names = check_score_names(score_names) if score_names is not None else None
+        self.score_names = (check_evaluated_score_names(score_names)
+                            if score_names is not None else None)
         if not 0.0 < tpr_level <= 1.0:
             raise ValueError(f'tpr_level must be in (0, 1], got {tpr_level}')
         self.ignore_index = int(ignore_index)
@@ -131,7 +132,7 @@ class AnomalyMetric(BaseMetric):
         self.component_metrics = bool(component_metrics)
         self.track = track
         self.min_pred_size, self.min_gt_size = track_size_filters(track)
-        self.component_scores = (check_score_names(component_scores)
+        self.component_scores = (check_evaluated_score_names(component_scores)
                                  if component_scores is not None else None)
         if self.component_scores and self.score_names:
             extra = [n for n in self.component_scores if n not in self.score_names]

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .scores import check_score_names
+from .scores import check_evaluated_score_names
 
 __all__ = ['frame_name', 'sample_arrays']
 
@@ -73,7 +73,7 @@ def sample_arrays(sample: Any, score_names: Optional[Sequence[str]], ignore_inde
     if not fields:
         raise KeyError('AnomalyMetric needs data_sample.anomaly_scores; set the model\'s '
                        f'test_cfg anomaly_scores=[...]{where}')
-    names = list(score_names) if score_names is not None else check_score_names(list(fields))
+    names = list(score_names) if score_names is not None else check_evaluated_score_names(list(fields))
     gt_field = _get(sample, 'gt_sem_seg')
     gt_data = _get(gt_field, 'data') if gt_field is not None else None
     if gt_data is None:

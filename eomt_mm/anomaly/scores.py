@@ -25,6 +25,7 @@ Segmentation", CVPR 2023 workshops). ``1 - sum_k S_k`` is a "no-class" score, no
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, Iterable, List, Sequence, Union
 
 import torch
@@ -70,6 +71,45 @@ def check_score_names(names: Union[str, Iterable[str]]) -> List[str]:
             out.append(key)
     if not out:
         raise ValueError(f'no anomaly score name given; valid names: {", ".join(SCORE_NAMES)}')
+    return out
+
+
+#: Scores only an ensemble of adapters produces (``AdapterEnsembleEoMT``): the members'
+#: disagreement (see :mod:`eomt_mm.anomaly.ensemble.scores` for the formulas and sources).
+DISAGREEMENT_SCORE_NAMES = ('mutual_info', 'rba_variance')
+
+_MEMBER_FIELD = re.compile(r'^(?P<score>[a-z]+)_m(?P<member>\d+)$')
+
+
+def check_evaluated_score_names(names: Union[str, Iterable[str]]) -> List[str]:
+    """Validates the names an evaluation may read from ``anomaly_scores``.
+
+    Besides :data:`SCORE_NAMES` (single models, and the mean-score ensemble) an ensemble's
+    predictions hold :data:`DISAGREEMENT_SCORE_NAMES` and per-member fields
+    ``<score>_m<k>`` (e.g. ``msp_m0``).
+
+    Args:
+        names: one name or an iterable of names (case-insensitive).
+
+    Returns:
+        The lower-cased names, without duplicates, order kept.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones), or no name.
+    """
+    if isinstance(names, str):
+        names = [names]
+    out: List[str] = []
+    for name in names:
+        key = name.lower() if isinstance(name, str) else name
+        member = _MEMBER_FIELD.match(key) if isinstance(key, str) else None
+        if key not in DISAGREEMENT_SCORE_NAMES and not (member and
+                                                        member.group('score') in SCORE_NAMES):
+            check_score_names([name])  # raises for anything else, listing the valid names
+        if key not in out:
+            out.append(key)
+    if not out:
+        check_score_names([])  # raises: no name given
     return out
 
 
