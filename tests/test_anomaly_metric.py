@@ -262,7 +262,7 @@ def test_metric_component_metrics_use_best_f1_threshold():
 
 
 def _plain_component_stats(score, label, thr, min_pred, min_gt):
-    """anomaly.md's definitions with one boolean mask per component (slow, obvious)."""
+    """SegmentMeIfYouCan's component-metric definitions with one boolean mask per component (slow, obvious)."""
     from scipy import ndimage
     eight = np.ones((3, 3))
     gt_cc, n_gt = ndimage.label(label == 1, eight)
