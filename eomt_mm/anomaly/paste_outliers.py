@@ -179,7 +179,7 @@ class PasteOutliers(BaseTransform):
 
     @property
     def rng(self) -> np.random.Generator:
-        """The transform's generator (created lazily so each worker can offset the seed)."""
+        """The transform's generator (created lazily so each worker offsets its random seed)."""
         if self._rng is None:
             if self.seed is None:
                 self._rng = np.random.default_rng(np.random.randint(2**31))

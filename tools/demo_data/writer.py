@@ -210,7 +210,7 @@ def generate_demo_dataset(out_dir: str | os.PathLike = 'data/demo', *, num_train
         num_anomaly: Number of images in the anomaly split (0 to omit it).
         height: Image height in pixels (at least 64).
         width: Image width in pixels (at least 64).
-        seed: Base random seed (non-negative); frame i of a split depends only on the seed,
+        seed: Base random seed (non-negative); frame i of a split depends only on this value,
             the split and i.
         force: Regenerate even when an up-to-date data set exists.
 
