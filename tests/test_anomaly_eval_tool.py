@@ -62,8 +62,8 @@ def _folder(root, anomaly_value, n=3):
         cv2.imwrite(str(root / 'labels_masks' / f'f{i}.png'), label)
 
 
-@pytest.mark.slow
-def test_eval_tool_prints_one_table(tmp_path, capsys):
+def _tiny_checkpoint(tmp_path):
+    """The tiny EoMT config and a checkpoint of it."""
     init_default_scope('mmseg')
     cfg_path = tmp_path / 'tiny_eomt.py'
     cfg_path.write_text(MODEL_CFG)
@@ -72,7 +72,20 @@ def test_eval_tool_prints_one_table(tmp_path, capsys):
     model = MODELS.build(ns['model'])
     ckpt = tmp_path / 'tiny.pth'
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+    return cfg_path, ckpt
 
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location('eval_anomaly',
+                                                  osp.join(ROOT, 'tools', 'eval_anomaly.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.mark.slow
+def test_eval_tool_prints_one_table(tmp_path, capsys):
+    cfg_path, ckpt = _tiny_checkpoint(tmp_path)
     specs = []
     for name, dtype, value in (('ra21', 'RoadAnomaly21Dataset', 1),
                                ('ra', 'RoadAnomalyDataset', 2)):
@@ -83,10 +96,7 @@ def test_eval_tool_prints_one_table(tmp_path, capsys):
         ds_cfg.write_text(DATASET_CFG.format(type=dtype, root=root, extra=extra))
         specs.append(f'{name}={ds_cfg}')
 
-    spec = importlib.util.spec_from_file_location('eval_anomaly',
-                                                  osp.join(ROOT, 'tools', 'eval_anomaly.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _load_tool()
     out_dir = tmp_path / 'out'
     submission = tmp_path / 'smiyc'
     (submission / 'old').mkdir(parents=True)
@@ -143,3 +153,106 @@ def test_eval_tool_prints_one_table(tmp_path, capsys):
         with pytest.raises(SystemExit):
             tool.main([str(cfg_path), str(ckpt), '--datasets', *specs] + bad)
     assert 'invalid choice' in capsys.readouterr().err
+
+
+# The SegmentMeIfYouCan test frames (labels hidden), as configs/_base_/datasets/
+# anomaly_smiyc_anomaly_track_test.py reads them: images only, a pipeline without annotations;
+# one frame per batch, as the frames differ in size.
+TEST_SPLIT_CFG = """
+test_dataloader = dict(batch_size=1, num_workers=0, sampler=dict(type='DefaultSampler',
+                       shuffle=False),
+                       dataset=dict(type='SMIYCDataset', data_root='{root}', split='test',
+                                    pipeline=[dict(type='LoadImageFromFile'),
+                                              dict(type='PackSegInputs')]))
+test_evaluator = dict(type='AnomalyMetric', score_names=['msp'])
+dataset_split = 'test'
+smiyc_submission_name = 'AnomalyTrack-all'
+"""
+TEST_FRAMES = {'airplane0000': (32, 40), 'animals0001': (24, 48), 'zebra0002': (40, 32)}
+
+
+def _smiyc_anomaly_track(root):
+    """A dataset_AnomalyTrack folder: 2 labelled validation frames, 3 test frames (images only,
+    of different sizes) whose labels are hidden."""
+    rng = np.random.default_rng(3)
+    (root / 'images').mkdir(parents=True)
+    (root / 'labels_masks').mkdir()
+    for i in range(2):
+        cv2.imwrite(str(root / 'images' / f'validation000{i}.jpg'),
+                    rng.integers(0, 255, (32, 40, 3), dtype=np.uint8))
+        label = np.zeros((32, 40), np.uint8)
+        label[4:12, 6 + i:18 + i] = 1
+        cv2.imwrite(str(root / 'labels_masks' / f'validation000{i}_labels_semantic.png'), label)
+    for name, shape in TEST_FRAMES.items():
+        cv2.imwrite(str(root / 'images' / f'{name}.jpg'),
+                    rng.integers(0, 255, (*shape, 3), dtype=np.uint8))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_H5PY, reason='the submission writer needs the smiyc extra (h5py)')
+def test_eval_tool_writes_the_test_split_without_metrics(tmp_path, capsys):
+    from eomt_mm.anomaly.smiyc.submission import read_submission_frame
+    cfg_path, ckpt = _tiny_checkpoint(tmp_path)
+    track = tmp_path / 'dataset_AnomalyTrack'
+    _smiyc_anomaly_track(track)
+    validation_cfg = tmp_path / 'validation.py'
+    validation_cfg.write_text(DATASET_CFG.format(
+        type='SMIYCDataset', root=track, extra="smiyc_submission_name = 'AnomalyTrack-all'"))
+    test_cfg = tmp_path / 'test.py'
+    test_cfg.write_text(TEST_SPLIT_CFG.format(root=track))
+    tool = _load_tool()
+    out_dir, submission = tmp_path / 'out', tmp_path / 'smiyc'
+    base = [str(cfg_path), str(ckpt), '--scores', 'msp', 'rba', '--protocol', 'exact', 'smiyc',
+            '--out-dir', str(out_dir)]
+
+    # Before anything is inferred: an images-only split needs a submission folder, and a frame
+    # may be written once only.
+    with pytest.raises(ValueError, match=r'smiyc_test \(test\) is an images-only split .*'
+                                         r'--smiyc-submission'):
+        tool.main(base + ['--datasets', f'smiyc_test={test_cfg}'])
+    with pytest.raises(ValueError, match="frame 'airplane0000' of AnomalyTrack-all is in both "
+                                         'first and second'):
+        tool.main(base + ['--datasets', f'first={test_cfg}', f'second={test_cfg}',
+                          '--smiyc-submission', str(submission)])
+    assert not out_dir.exists() and not any(submission.iterdir())
+    capsys.readouterr()
+
+    # Only the test split: its files, no metric table.
+    results = tool.main(base + ['--datasets', f'smiyc_test={test_cfg}',
+                                '--smiyc-submission', str(submission), '--smiyc-score', 'rba'])
+    assert results == {'smiyc_test': {}}
+    printed = capsys.readouterr().out
+    assert 'smiyc_test (test): 3 frames written to AnomalyTrack-all, no labels: no metrics' \
+        in printed
+    assert 'no labelled dataset in this run: no metric table' in printed and 'AuPRC' not in printed
+    assert "the benchmark's AnomalyTrack-all has 110 frames" in printed  # incomplete, said so
+    folder = submission / 'anomaly_p' / 'tiny_eomt' / 'AnomalyTrack-all'
+    assert sorted(p.name for p in folder.iterdir()) == [f'{n}.hdf5' for n in sorted(TEST_FRAMES)]
+    for name, shape in TEST_FRAMES.items():  # full image resolution, as the server reads it
+        stored = read_submission_frame(str(folder / f'{name}.hdf5'))
+        assert stored.dtype == np.float16 and stored.shape == shape
+        assert np.isfinite(stored).all() and stored.std() > 0
+
+    # Validation (labelled) and test (images only) in one run: one table for the validation,
+    # the files of all five frames in the benchmark's folder.
+    submission2 = tmp_path / 'smiyc2'
+    results = tool.main(base + ['--datasets', f'smiyc_val={validation_cfg}',
+                                f'smiyc_test={test_cfg}', '--smiyc-submission', str(submission2),
+                                '--show-dir', str(tmp_path / 'vis')])
+    assert results['smiyc_test'] == {}
+    assert 0 <= results['smiyc_val']['msp/AuPRC'] <= 100
+    assert 0 <= results['smiyc_val']['smiyc/rba/AuPRC'] <= 100
+    printed = capsys.readouterr().out
+    assert 'smiyc_test (test): 3 frames written to AnomalyTrack-all, no labels: no metrics' \
+        in printed and 'AnomalyTrack-all: 5 frames' in printed
+    with open(out_dir / 'anomaly.csv') as f:
+        rows = list(csv.reader(f))
+    assert [r[:5] for r in rows[1:]] == [[p, 'smiyc_val', 'validation', s, '2']
+                                         for p in ('exact', 'smiyc') for s in ('msp', 'rba')]
+    folder = submission2 / 'anomaly_p' / 'tiny_eomt' / 'AnomalyTrack-all'
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f'{n}.hdf5' for n in TEST_FRAMES] + ['validation0000.hdf5', 'validation0001.hdf5'])
+    assert read_submission_frame(str(folder / 'validation0001.hdf5')).shape == (32, 40)
+    # Heat maps of the images-only frames have no ground-truth panel to fill, but are drawn.
+    assert sorted(p.name for p in (tmp_path / 'vis' / 'smiyc_test').iterdir()) == [
+        f'{n}_msp.png' for n in sorted(TEST_FRAMES)]

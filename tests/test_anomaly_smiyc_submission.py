@@ -52,10 +52,26 @@ def test_written_files_match_the_benchmarks(tmp_path, reference):
     text = writer.upload_instructions()
     assert 'AnomalyTrack-all: 2 frames' in text and 'LostAndFound-test: 1 frames' in text
     assert f"anomaly_p/{expected['method_name']}/" in text
+    # A partial split is said to be one (the benchmark's sizes of AnomalyTrack-all / LAF test).
+    assert ("AnomalyTrack-all: 2 frames (incomplete: the benchmark's AnomalyTrack-all has 110"
+            in text)
+    assert "LostAndFound-test: 1 frames (incomplete: the benchmark's LostAndFound-test has 1203" \
+        in text
     # Only the score files (no temporary leftovers).
     found = sorted(osp.relpath(osp.join(root, name), tmp_path / 'submission')
                    for root, _, names in os.walk(tmp_path / 'submission') for name in names)
     assert found == sorted(entry['path'] for entry in expected['files'])
+
+
+def test_complete_split_is_not_flagged(tmp_path):
+    writer = SubmissionWriter(tmp_path / 'out', 'method')
+    score = np.zeros((2, 3), np.float32)
+    for i in range(110):
+        writer.write('AnomalyTrack-all', f'frame{i:04d}', score + i)
+    writer.write('ObstacleTrack-all', 'curvy-street_1', score)  # the benchmark states no size
+    text = writer.upload_instructions()
+    assert 'AnomalyTrack-all: 110 frames\n' in text and 'ObstacleTrack-all: 1 frames\n' in text
+    assert 'incomplete' not in text
 
 
 def test_submission_scores_are_float16_of_the_map():

@@ -66,6 +66,24 @@ def check_protocols(protocol: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     return names
 
 
+def _refuse_unlabelled(sample: Any) -> None:
+    """Stops at a frame without ground truth (an images-only split, e.g. SMIYC test frames).
+
+    Refused rather than skipped: figures over the labelled part of a dataset would be reported
+    as the dataset's, and a whole images-only split would give an empty table that reads like a
+    result. Such frames only get test-server files (``tools/eval_anomaly.py --smiyc-submission``).
+    """
+    label = sample.get('gt_sem_seg') if isinstance(sample, dict) else getattr(
+        sample, 'gt_sem_seg', None)
+    if label is None:
+        raise ValueError(f'AnomalyMetric: frame {frame_name(sample) or "<unknown>"} has no label '
+                         '(gt_sem_seg); frames of an images-only split (labelled=False, '
+                         "SMIYCDataset split='test') have no metrics: evaluate a labelled split, "
+                         'or write their SegmentMeIfYouCan files with tools/eval_anomaly.py '
+                         '--smiyc-submission DIR (the pipeline of a labelled split needs '
+                         'LoadAnnotations)')
+
+
 class _DistExchange(Exchange):
     """:class:`.exact_store.Exchange` over mmengine's process group."""
 
@@ -167,6 +185,7 @@ class AnomalyMetric(BaseMetric):
             raise
 
     def _process_one(self, sample: Any) -> Dict[str, Any]:
+        _refuse_unlabelled(sample)
         scores, gt, names = sample_arrays(sample, self.score_names, self.ignore_index)
         self.score_names = names  # the first sample fixes the list when none was given
         where = frame_name(sample)

@@ -54,7 +54,8 @@ class AnomalyVisHook(Hook):
 
     Args:
         out_dir: output folder (created).
-        score_name: which ``anomaly_scores`` field to paint (default: the first one).
+        score_name: which ``anomaly_scores`` field to paint (default: the first in sorted order;
+            ``PixelData`` keeps its fields in a set, whose order changes between processes).
         max_images: stop after this many pictures (None: all).
         ignore_index: void label.
     """
@@ -90,7 +91,7 @@ class AnomalyVisHook(Hook):
             if scores is None:
                 raise KeyError('AnomalyVisHook needs data_sample.anomaly_scores (set the model '
                                'test_cfg anomaly_scores)')
-            name = self.score_name or next(iter(scores.keys()))
+            name = self.score_name or sorted(scores.keys())[0]
             score = scores.get(name)
             if score is None:
                 raise KeyError(f'AnomalyVisHook: no anomaly score {name!r}; present: '

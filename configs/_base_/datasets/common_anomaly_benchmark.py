@@ -11,6 +11,13 @@ test_pipeline = [
     dict(type='RemapAnomalyLabels'),
     dict(type='PackSegInputs'),
 ]
+# Images-only splits (the test server's frames, labels hidden: the anomaly_*_test.py configs,
+# datasets with labelled=False): the same loading and resize, no annotations.
+test_unlabelled_pipeline = [
+    dict(type='LoadImageFromFileChecked'),
+    dict(type='Resize', scale=(2048, 1024), keep_ratio=True),
+    dict(type='PackSegInputs'),
+]
 test_dataloader = dict(
     batch_size=1,
     num_workers=2,

@@ -11,7 +11,8 @@ h5py (``file['value'][:]``, squeezed) from ``DIR_OUTPUTS=<root>``, so the same f
 the benchmark's own metrics locally. ``<dataset>`` is the name the benchmark stores a split under:
 ``AnomalyTrack-all``, ``ObstacleTrack-all``, ``LostAndFound-test`` or ``LostAndFound-train`` (the
 other splits are subsets of these four); ``<frame_id>`` is the image file's stem (for
-LostAndFound without the ``_leftImg8bit`` suffix).
+LostAndFound without the ``_leftImg8bit`` suffix). The test server's frames have hidden labels:
+the anomaly datasets read them images-only (``SMIYCDataset(split='test')``, ``labelled=False``).
 
 Writing needs h5py: ``pip install -e .[smiyc]``.
 """
@@ -36,6 +37,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 #: The dataset folders the benchmark's evaluation reads (its ``name_for_persistence`` values).
 SMIYC_DATASETS = ('AnomalyTrack-all', 'ObstacleTrack-all', 'LostAndFound-test',
                   'LostAndFound-train')
+#: Frames of a complete split, the benchmark's ``expected_length`` (road_anomaly_benchmark/
+#: datasets/tracks.py; it states none for ObstacleTrack-all).
+SMIYC_SPLIT_FRAMES = {'AnomalyTrack-all': 110, 'LostAndFound-test': 1203,
+                      'LostAndFound-train': 1036}
 #: Name of the HDF5 dataset holding the score map.
 HDF5_KEY = 'value'
 #: dtype and gzip level of the stored scores.
@@ -158,7 +163,11 @@ class SubmissionWriter:
         lines = [f'SMIYC submission of method {self.method_name!r} in {self.method_dir}:']
         for dataset in SMIYC_DATASETS:
             if dataset in self._frames:
-                lines.append(f'  {dataset}: {len(self._frames[dataset])} frames')
+                count, full = len(self._frames[dataset]), SMIYC_SPLIT_FRAMES.get(dataset)
+                # A partial folder is reported, not refused: a local check of some frames is fine.
+                short = (f' (incomplete: the benchmark\'s {dataset} has {full} frames; the server '
+                         'needs all of them)' if full is not None and count != full else '')
+                lines.append(f'  {dataset}: {count} frames{short}')
         if not self._frames:
             lines.append('  (no frame written)')
         lines.append(f'Upload the folder anomaly_p/{self.method_name}/ (e.g. as a zip of it, '
