@@ -51,6 +51,7 @@ machine; compare ratios, not absolute times.
     python tools/benchmark/inference.py --repeats 5 --steps 3 --out inference_640.json
     python tools/benchmark/inference.py --quick                          # 320 px, 3 x 2 calls
     python tools/benchmark/inference.py --backbone dinov3 --size 640     # EoMT-B on DINOv3
+    python tools/benchmark/inference.py --profile 15                     # + where the time goes
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ if HERE not in sys.path:
 
 from bench_models import REPO, eomt_b_config  # noqa: E402
 from bench_stats import cpu_name, format_table, median, ratio, ratios_to  # noqa: E402
+from op_profile import format_profile, op_profile  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -586,6 +588,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="tolerance relative to the reference's largest |logit|")
     parser.add_argument('--quick', action='store_true',
                         help='smaller defaults for a smoke-level run (explicit flags win)')
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='after the timing, profile ours and hf (torch.profiler, 2 calls '
+                        'each) and print the N operators with most self CPU time side by side')
+    parser.add_argument('--profile-shapes', action='store_true',
+                        help='--profile rows per operator and input shapes')
     parser.add_argument('--out', help='write the results as JSON here')
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -593,8 +600,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.size <= 0 or args.size % 16:
         parser.error(f'--size must be a positive multiple of 16, got {args.size}')
-    if min(args.batch, args.repeats, args.steps) < 1 or min(args.warmup, args.threads) < 0:
-        parser.error('--batch, --repeats and --steps must be >= 1, --warmup and --threads >= 0')
+    if (min(args.batch, args.repeats, args.steps) < 1
+            or min(args.warmup, args.threads, args.profile) < 0):
+        parser.error('--batch, --repeats and --steps must be >= 1, --warmup, --threads and '
+                     '--profile >= 0')
     if not (args.atol >= 0 and args.rtol >= 0):
         parser.error('--atol and --rtol must be >= 0')
     return args
@@ -669,11 +678,23 @@ def main(argv: Optional[Sequence[str]] = None, model_cfg: Optional[dict] = None,
              'timed call: ours = model(x, mode="tensor"), hf = model(pixel_values=x); '
              'torch.inference_mode, eval', f'load average at the end: {os.getloadavg()[0]:.1f}']
     print('\n'.join(lines), flush=True)
+    profile = None
+    if args.profile:
+        profiled = ('ours', 'hf')
+        profile = op_profile({n: fns[n] for n in profiled}, x, calls=2,
+                             by_shape=args.profile_shapes)
+        print(f'\nprofile: self CPU time per call, top {args.profile} operators '
+              f'(torch.profiler, 2 calls each, after the timing)')
+        print(format_profile(profile, profiled, top=args.profile), flush=True)
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(header=header, args=vars(args), cpu=cpu_name(), rows=rows,
                            params=params, agreement=diffs, targets=targets(rows),
-                           calls=calls), f, indent=1)
+                           calls=calls,
+                           profile=None if profile is None else {
+                               name: [dict(op=k[0], shapes=k[1], self_cpu_s=v[0], count=v[1])
+                                      for k, v in table.items()]
+                               for name, table in profile.items()}), f, indent=1)
     return 0
 
 

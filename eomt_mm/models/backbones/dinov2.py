@@ -31,6 +31,8 @@ from mmseg.registry import MODELS
 
 from eomt_mm.utils.resample import resize_pos_embed_grid
 
+from ..utils.attention import check_attn_mask, split_heads
+
 from .dinov2_loading import fit_dinov2_state_dict
 
 _DINOV2_ARCHS = {
@@ -302,19 +304,10 @@ class DINOv2(VisionTransformer):
         layer = self.layers[index]
         attn = layer.attn
         batch, num_tokens, channels = x.shape
-        if attn_mask is not None:
-            if attn_mask.dtype != torch.bool:
-                raise TypeError(f'attn_mask must be a bool tensor (True = attend), '
-                                f'got {attn_mask.dtype}')
-            if (attn_mask.ndim != 4 or attn_mask.shape[-2:] != (num_tokens, num_tokens)
-                    or attn_mask.shape[0] not in (1, batch)
-                    or attn_mask.shape[1] not in (1, self.num_heads)):
-                raise ValueError(f'attn_mask must have shape [{batch} or 1, {self.num_heads} or 1, '
-                                 f'{num_tokens}, {num_tokens}], got {tuple(attn_mask.shape)}')
-        qkv = attn.qkv(layer.ln1(x)).reshape(batch, num_tokens, 3, attn.num_heads,
-                                             attn.head_dims).permute(2, 0, 3, 1, 4)
+        check_attn_mask(attn_mask, batch, self.num_heads, num_tokens)
+        q, k, v = split_heads(attn.qkv(layer.ln1(x)), attn.num_heads)
         out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], attn_mask=attn_mask,
+            q, k, v, attn_mask=attn_mask,
             dropout_p=attn.attn_drop if self.training else 0.)
         out = attn.proj(out.transpose(1, 2).reshape(batch, num_tokens, channels))
         x = x + attn.out_drop(attn.gamma1(attn.proj_drop(out)))

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from mmengine.logging import MMLogger
 from mmseg.registry import MODELS
 
+from ..utils.attention import check_attn_mask, split_heads
 from .dinov2 import DINOv2
 from .rope import augment_coords, patch_center_coords, rope_cos_sin, rotate_patch_tokens
 
@@ -323,19 +324,11 @@ class DINOv3(DINOv2):
         if num_tokens - cos.shape[0] < self.num_prefix_tokens:
             raise ValueError(f'{num_tokens} tokens cannot hold CLS, registers and the '
                              f'{cos.shape[0]} patches of the latest embed(): embed these first')
-        if attn_mask is not None:
-            if attn_mask.dtype != torch.bool:
-                raise TypeError(f'attn_mask must be bool (True = attend), got {attn_mask.dtype}')
-            if (attn_mask.ndim != 4 or attn_mask.shape[-2:] != (num_tokens, num_tokens)
-                    or attn_mask.shape[0] not in (1, batch)
-                    or attn_mask.shape[1] not in (1, self.num_heads)):
-                raise ValueError(f'attn_mask must have shape [{batch} or 1, {self.num_heads} or 1, '
-                                 f'{num_tokens}, {num_tokens}], got {tuple(attn_mask.shape)}')
+        check_attn_mask(attn_mask, batch, self.num_heads, num_tokens)
         layer, attn = self.layers[index], self.layers[index].attn
         if torch.is_grad_enabled():
             _mask_key_bias_grad(attn.qkv)
-        q, k, v = attn.qkv(layer.ln1(x)).reshape(batch, num_tokens, 3, attn.num_heads,
-                                                 attn.head_dims).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(attn.qkv(layer.ln1(x)), attn.num_heads)
         q, k = rotate_patch_tokens(q, cos, sin), rotate_patch_tokens(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop if self.training else 0.)

@@ -93,8 +93,38 @@ class ScaleBlock(nn.Module):
         self.norm = StridedLayerNorm2d(embed_dims, eps=1e-6)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Upscale ``[B, D, h, w]`` to ``[B, D, 2h, 2w]``."""
-        return self.norm(self.conv2(self.act(self.conv1(x))))
+        """Upscale ``[B, D, h, w]`` to ``[B, D, 2h, 2w]`` (a channel-last tensor in NCHW view)."""
+        return self.norm(self.conv2(self.act(self.transposed_conv(x))))
+
+    def transposed_conv(self, x: Tensor) -> Tensor:
+        """``self.conv1(x)`` computed as one matrix product and a pixel shuffle.
+
+        A 2x2 transposed convolution with stride 2 has no overlapping outputs: each input pixel
+        maps to its own 2x2 output pixels through one ``[D_in] -> [2, 2, D_out]`` linear map.
+        Written that way it is a single GEMM over all pixels in channel-last layout, which the
+        tokens already have; PyTorch's CPU transposed convolution ran the same product at a
+        fraction of GEMM speed and converted layouts around it (``tools/benchmark/inference.py
+        --profile``). The result equals ``conv1(x)`` up to float summation order, and stays
+        channel-last for the depthwise convolution, the norm and the mask product after it.
+        ``conv1`` stays an ``nn.ConvTranspose2d`` so that parameters and checkpoints are
+        unchanged.
+
+        Args:
+            x: ``[B, D_in, h, w]`` of any memory layout.
+
+        Returns:
+            ``[B, D_out, 2h, 2w]`` whose memory is channel-last (``torch.channels_last``).
+        """
+        conv = self.conv1
+        batch, channels, height, width = x.shape
+        out_channels = conv.out_channels
+        pixels = x.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+        # weight [D_in, D_out, 2, 2] -> [D_in, (row offset, column offset, D_out)].
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(channels, 4 * out_channels)
+        out = torch.addmm(conv.bias.repeat(4), pixels, weight)
+        out = out.view(batch, height, width, 2, 2, out_channels).permute(0, 1, 3, 2, 4, 5)
+        out = out.reshape(batch, 2 * height, 2 * width, out_channels)
+        return out.permute(0, 3, 1, 2)
 
 
 @MODELS.register_module()
