@@ -6,7 +6,6 @@
 # instead of DINOv2-reg4. The default LoRA targets have the same names on DINOv3 (fused
 # attn.qkv with its key bias held at zero, attn.proj, ffn.layers.0.0, ffn.layers.1).
 _base_ = ['./eomt-lora-r8_dinov2-reg4-b_1xb16-20k_cityscapes-640x640.py']
-crop_size = (640, 640)
 # Made by tools/convert_weights.py from Meta's dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth
 # (README "Pretrained weights").
 pretrained = 'checkpoints/dinov3_vitb16_lvd1689m.pth'
@@ -17,5 +16,5 @@ model = dict(
         _delete_=True,
         type='DINOv3',
         arch='b',
-        img_size=crop_size[0],
+        img_size=_base_.crop_size[0],
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')))

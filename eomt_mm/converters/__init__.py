@@ -3,7 +3,10 @@
 Layout (one module per job):
 
 * :mod:`~eomt_mm.converters.common`: the error, the report, weights-only reading of sources,
-  atomic writing of ``{'state_dict': ..., 'meta': {...}}``;
+  renaming by regex rules, the key-and-shape check against a module, atomic writing of
+  ``{'state_dict': ..., 'meta': {...}}``;
+* :mod:`~eomt_mm.converters.vit`: what the two backbone families share (the block names, the
+  SwiGLU width, the preset check);
 * :mod:`~eomt_mm.converters.dinov2`: the DINOv2 backbone family (Meta hub and timm layouts);
 * :mod:`~eomt_mm.converters.eomt`: full EoMT checkpoints (official and Hugging Face layouts) and
   the decoder key table :data:`DECODER_KEY_MAP`;

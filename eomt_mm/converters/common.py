@@ -1,4 +1,5 @@
-"""What every weight converter shares: the error, the report, reading sources, writing results.
+"""What every weight converter shares: the error, the report, reading sources, renaming keys,
+checking the result against a module, writing results.
 
 A converter family (one module per backbone family, e.g. :mod:`eomt_mm.converters.dinov2`)
 turns source weights into this project's state-dict names; :mod:`eomt_mm.converters.formats`
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -20,7 +22,8 @@ from eomt_mm.utils.io import atomic_write
 
 __all__ = [
     'StateDict', 'FORMAT_VERSION', 'CheckpointConversionError', 'ConversionReport',
-    'BackboneFamily', 'load_source_state_dict', 'save_converted', 'strip_prefix', 'rename_keys'
+    'BackboneFamily', 'load_source_state_dict', 'save_converted', 'strip_prefix',
+    'unwrap_transformers', 'rename_key', 'rename_keys', 'check_fits_module'
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -196,6 +199,45 @@ def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+def unwrap_transformers(state_dict: StateDict, prefix: str, what: str) -> StateDict:
+    """A transformers checkpoint's weights, without the model prefix every key may carry.
+
+    Args:
+        state_dict: Weights as saved by transformers.
+        prefix: The outer prefix (``'model.'``, ``'dinov3_vit.'``), removed only when every key
+            has it.
+        what: The expected source, named in the error (``'Hugging Face EoMT'``).
+
+    Returns:
+        The weights, with ``embeddings.cls_token`` among them.
+
+    Raises:
+        CheckpointConversionError: If there is no ``embeddings.cls_token``.
+    """
+    if all(k.startswith(prefix) for k in state_dict):
+        state_dict = strip_prefix(state_dict, prefix)
+    if 'embeddings.cls_token' not in state_dict:
+        raise CheckpointConversionError(f'not a {what} checkpoint: no embeddings.cls_token '
+                                        f'(found {sorted(state_dict)[:8]}...)')
+    return state_dict
+
+
+def rename_key(key: str, rules: Sequence[Tuple[str, str]]) -> Optional[str]:
+    """Rename ``key`` by the first full-match regex rule (``re.sub`` replacement syntax).
+
+    Args:
+        key: A source key.
+        rules: ``(pattern, replacement)`` pairs, tried in order.
+
+    Returns:
+        The new name, or None when no rule matches.
+    """
+    for pattern, target in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(f'^{pattern}$', target, key)
+    return None
+
+
 def rename_keys(state_dict: StateDict, rules: Sequence[Tuple[str, str]],
                 report: Optional[ConversionReport] = None,
                 report_prefix: str = '') -> Tuple[StateDict, List[str]]:
@@ -212,13 +254,39 @@ def rename_keys(state_dict: StateDict, rules: Sequence[Tuple[str, str]],
     """
     out, unmatched = {}, []
     for key, value in state_dict.items():
-        for pattern, target in rules:
-            if re.fullmatch(pattern, key):
-                new = re.sub(f'^{pattern}$', target, key)
-                out[new] = value
-                if report is not None:
-                    report.mapped.append((key, report_prefix + new))
-                break
-        else:
+        new = rename_key(key, rules)
+        if new is None:
             unmatched.append(key)
+            continue
+        out[new] = value
+        if report is not None:
+            report.mapped.append((key, report_prefix + new))
     return out, unmatched
+
+
+def check_fits_module(converted: StateDict, module: nn.Module, problem: str,
+                      key_prefix: str = '', limit: Optional[int] = None) -> None:
+    """Require the keys and shapes of ``module.state_dict()`` (built on the meta device).
+
+    Args:
+        converted: The converted weights.
+        module: The module they must load into, strictly.
+        problem: The start of the error (``'converted backbone does not fit DINOv2'``).
+        key_prefix: Prefix of ``converted``'s keys before the module's own names
+            (``'decoder.'``).
+        limit: At most this many keys per kind of misfit in the error; None lists all.
+
+    Raises:
+        CheckpointConversionError: Listing the missing and unexpected keys and bad shapes.
+    """
+    expected = {key_prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(converted))[:limit]
+    unexpected = sorted(set(converted) - set(expected))[:limit]
+    shapes = [f'{k}: {tuple(converted[k].shape)} vs {expected[k]}'
+              for k in sorted(set(converted) & set(expected))
+              if tuple(converted[k].shape) != expected[k]][:limit]
+    if missing or unexpected or shapes:
+        raise CheckpointConversionError(
+            problem + (f'; missing: {missing}' if missing else '')
+            + (f'; unexpected: {unexpected}' if unexpected else '')
+            + (f'; bad shapes: {shapes}' if shapes else ''))

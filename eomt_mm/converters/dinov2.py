@@ -29,29 +29,19 @@ from eomt_mm.models.backbones import DINOv2
 from eomt_mm.utils.resample import resample_patch_kernel, resize_pos_embed_grid
 
 from .common import (BackboneFamily, CheckpointConversionError, ConversionReport, StateDict,
-                     rename_keys)
+                     check_fits_module)
+from .vit import (backbone_rules, check_preset, count_blocks, rename_backbone,
+                  swiglu_feedforward_channels)
 
 __all__ = ['read_meta_dinov2', 'read_timm', 'infer_backbone_arch', 'inspect_dinov2',
            'convert_dinov2', 'DINOV2_FAMILY']
 
-# timm DINOv2 names -> DINOv2 (mmpretrain) names. ``{fc1}`` / ``{fc2}`` depend on the FFN type.
-_BACKBONE_RULES: List[Tuple[str, str]] = [
+# timm's token names -> DINOv2's (the blocks: eomt_mm.converters.vit).
+_TOKEN_RULES: List[Tuple[str, str]] = [
     (r'cls_token', 'cls_token'),
     (r'reg_token', 'register_tokens'),
     (r'pos_embed', 'pos_embed'),
-    (r'patch_embed\.proj\.(weight|bias)', r'patch_embed.projection.\1'),
-    (r'blocks\.(\d+)\.norm1\.(weight|bias)', r'layers.\1.ln1.\2'),
-    (r'blocks\.(\d+)\.attn\.qkv\.(weight|bias)', r'layers.\1.attn.qkv.\2'),
-    (r'blocks\.(\d+)\.attn\.proj\.(weight|bias)', r'layers.\1.attn.proj.\2'),
-    (r'blocks\.(\d+)\.ls1\.gamma', r'layers.\1.attn.gamma1.weight'),
-    (r'blocks\.(\d+)\.norm2\.(weight|bias)', r'layers.\1.ln2.\2'),
-    (r'blocks\.(\d+)\.mlp\.fc1\.(weight|bias)', r'layers.\1.ffn.{fc1}.\2'),
-    (r'blocks\.(\d+)\.mlp\.fc2\.(weight|bias)', r'layers.\1.ffn.{fc2}.\2'),
-    (r'blocks\.(\d+)\.ls2\.gamma', r'layers.\1.ffn.gamma2.weight'),
-    (r'norm\.(weight|bias)', r'ln1.\1'),
 ]
-_FFN_NAMES = {'origin': dict(fc1='layers.0.0', fc2='layers.1'),
-              'swiglu_fused': dict(fc1='w12', fc2='w3')}
 
 
 # ----------------------------------------------------------------- source -> timm-like names
@@ -121,23 +111,15 @@ def infer_backbone_arch(timm_sd: StateDict) -> dict:
     """
     try:
         embed_dims = timm_sd['cls_token'].shape[-1]
-        layer_ids = {int(m.group(1)) for k in timm_sd if (m := re.match(r'blocks\.(\d+)\.', k))}
         fc1 = timm_sd['blocks.0.mlp.fc1.weight']
         fc2 = timm_sd['blocks.0.mlp.fc2.weight']
         kernel = timm_sd['patch_embed.proj.weight']
     except KeyError as exc:
-        raise CheckpointConversionError(f'backbone weights incomplete: {exc} missing') from exc
-    if layer_ids != set(range(len(layer_ids))):
-        raise CheckpointConversionError(f'backbone block indices are not contiguous: '
-                                        f'{sorted(layer_ids)}')
+        raise CheckpointConversionError(f'DINOv2 backbone weights incomplete: {exc} missing'
+                                        ) from exc
+    num_layers = count_blocks(timm_sd, 'DINOv2')
     if fc1.shape[0] == 2 * fc2.shape[1]:
-        hidden = fc2.shape[1]
-        # Pick the constructor value that mmpretrain's SwiGLUFFNFused turns back into `hidden`.
-        ffc = math.ceil(hidden * 3 / 2)
-        if (int(ffc * 2 / 3) + 7) // 8 * 8 != hidden:
-            raise CheckpointConversionError(f'SwiGLU hidden size {hidden} cannot be expressed '
-                                            'by SwiGLUFFNFused (multiple of 8 needed)')
-        ffn_type = 'swiglu_fused'
+        ffc, ffn_type = swiglu_feedforward_channels(fc2.shape[1]), 'swiglu_fused'
     elif fc1.shape[0] == fc2.shape[1]:
         ffc, ffn_type = fc1.shape[0], 'origin'
     else:
@@ -146,27 +128,10 @@ def infer_backbone_arch(timm_sd: StateDict) -> dict:
     if kernel.shape[-1] != kernel.shape[-2]:
         raise CheckpointConversionError(f'non-square patch kernel {tuple(kernel.shape)}')
     num_reg = timm_sd['reg_token'].shape[1] if 'reg_token' in timm_sd else 0
-    return dict(embed_dims=int(embed_dims), num_layers=len(layer_ids),
+    return dict(embed_dims=int(embed_dims), num_layers=num_layers,
                 feedforward_channels=int(ffc), ffn_type=ffn_type,
                 patch_size=int(kernel.shape[-1]), num_register_tokens=int(num_reg),
                 in_channels=int(kernel.shape[1]))
-
-
-def _check_arch_name(arch: dict, arch_name: str) -> int:
-    key = arch_name.lower()
-    if key not in DINOv2.arch_zoo:
-        raise CheckpointConversionError(f'unknown --arch {arch_name!r}; expected one of '
-                                        f'{sorted(DINOv2.arch_zoo)}')
-    want = DINOv2.arch_zoo[key]
-    got = dict(embed_dims=arch['embed_dims'], num_layers=arch['num_layers'],
-               feedforward_channels=arch['feedforward_channels'], ffn_type=arch['ffn_type'])
-    want_cmp = dict(embed_dims=want['embed_dims'], num_layers=want['num_layers'],
-                    feedforward_channels=want['feedforward_channels'],
-                    ffn_type=want.get('ffn_type', 'origin'))
-    if got != want_cmp:
-        raise CheckpointConversionError(f'checkpoint is not DINOv2-{arch_name}: it has {got}, '
-                                        f'DINOv2-{arch_name} has {want_cmp}')
-    return want['num_heads']
 
 
 def _check_against_model(ours: StateDict, arch: dict, num_heads: int,
@@ -180,17 +145,7 @@ def _check_against_model(ours: StateDict, arch: dict, num_heads: int,
             img_size=(grid[0] * arch['patch_size'], grid[1] * arch['patch_size']),
             patch_size=arch['patch_size'], in_channels=arch['in_channels'],
             num_register_tokens=arch['num_register_tokens'])
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    shapes = [f'{k}: {tuple(ours[k].shape)} vs {expected[k]}'
-              for k in sorted(set(ours) & set(expected)) if tuple(ours[k].shape) != expected[k]]
-    if missing or unexpected or shapes:
-        raise CheckpointConversionError(
-            'converted backbone does not fit DINOv2'
-            + (f'; missing: {missing[:20]}' if missing else '')
-            + (f'; unexpected: {unexpected[:20]}' if unexpected else '')
-            + (f'; bad shapes: {shapes[:20]}' if shapes else ''))
+    check_fits_module(ours, model, 'converted backbone does not fit DINOv2', limit=20)
 
 
 def inspect_dinov2(timm_sd: StateDict, report: ConversionReport,
@@ -213,7 +168,11 @@ def inspect_dinov2(timm_sd: StateDict, report: ConversionReport,
         del timm_sd['reg_token']
         report.skipped.append(('reg_token', 'empty (no register tokens)'))
     info = infer_backbone_arch(timm_sd)
-    info['num_heads'] = _check_arch_name(info, arch) if arch else None
+    info['num_heads'] = None
+    if arch:
+        info['num_heads'] = check_preset(info, arch, DINOv2.arch_zoo, 'DINOv2', dict(
+            embed_dims=None, num_layers=None, feedforward_channels=None,
+            ffn_type='origin'))['num_heads']
     info['arch'] = arch
     return info
 
@@ -263,12 +222,8 @@ def convert_dinov2(timm_sd: StateDict, info: dict, report: ConversionReport,
                                 f'{new_grid[0]}x{new_grid[1]} (bicubic, antialias)')
             grid = new_grid
 
-    names = _FFN_NAMES[info['ffn_type']]
-    rules = [(pattern, target.format(**names)) for pattern, target in _BACKBONE_RULES]
-    ours, unexpected = rename_keys(timm_sd, rules, report, report_prefix='backbone.')
-    if unexpected:
-        raise CheckpointConversionError(f'unexpected backbone keys (not DINOv2): {unexpected[:20]}'
-                                        + (' ...' if len(unexpected) > 20 else ''))
+    rules = backbone_rules(_TOKEN_RULES, 'fc1', 'fc2', info['ffn_type'])
+    ours = rename_backbone(timm_sd, rules, report, 'DINOv2')
     _check_against_model(ours, dict(info, patch_size=patch_size), info['num_heads'] or 1, grid)
     meta = dict(arch=info['arch'], num_heads=info['num_heads'],
                 embed_dims=info['embed_dims'], num_layers=info['num_layers'],

@@ -26,7 +26,6 @@ transformers does; the file's (stored rounded to bfloat16) are checked against t
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -35,7 +34,9 @@ import torch
 from eomt_mm.models.backbones import DINOv3
 
 from .common import (BackboneFamily, CheckpointConversionError, ConversionReport, StateDict,
-                     rename_keys, strip_prefix)
+                     check_fits_module, rename_key, unwrap_transformers)
+from .vit import (backbone_rules, check_preset, count_blocks, rename_backbone,
+                  swiglu_feedforward_channels)
 
 __all__ = ['read_meta_dinov3', 'read_hf_dinov3', 'hf_dinov3_to_intermediate', 'infer_dinov3_arch',
            'inspect_dinov3', 'convert_dinov3', 'DINOV3_FAMILY', 'ROPE_BASE']
@@ -44,23 +45,12 @@ ROPE_BASE = 100.0
 # Meta stores the periods in bfloat16 (8 mantissa bits): half a unit in the last place.
 _PERIODS_RTOL = 2.0**-8
 
-# Intermediate (Meta) names -> DINOv3 (mmpretrain-style) names; {fc1}/{fc2} by FFN type.
-_BACKBONE_RULES: List[Tuple[str, str]] = [
+# Meta's token names -> DINOv3's (the blocks: eomt_mm.converters.vit). The MLP is fc1 / fc2,
+# or w12 / w3 once the SwiGLU input projections are fused.
+_TOKEN_RULES: List[Tuple[str, str]] = [
     (r'cls_token', 'cls_token'),
     (r'storage_tokens', 'register_tokens'),
-    (r'patch_embed\.proj\.(weight|bias)', r'patch_embed.projection.\1'),
-    (r'blocks\.(\d+)\.norm1\.(weight|bias)', r'layers.\1.ln1.\2'),
-    (r'blocks\.(\d+)\.attn\.qkv\.(weight|bias)', r'layers.\1.attn.qkv.\2'),
-    (r'blocks\.(\d+)\.attn\.proj\.(weight|bias)', r'layers.\1.attn.proj.\2'),
-    (r'blocks\.(\d+)\.ls1\.gamma', r'layers.\1.attn.gamma1.weight'),
-    (r'blocks\.(\d+)\.norm2\.(weight|bias)', r'layers.\1.ln2.\2'),
-    (r'blocks\.(\d+)\.mlp\.(?:fc1|w12)\.(weight|bias)', r'layers.\1.ffn.{fc1}.\2'),
-    (r'blocks\.(\d+)\.mlp\.(?:fc2|w3)\.(weight|bias)', r'layers.\1.ffn.{fc2}.\2'),
-    (r'blocks\.(\d+)\.ls2\.gamma', r'layers.\1.ffn.gamma2.weight'),
-    (r'norm\.(weight|bias)', r'ln1.\1'),
 ]
-_FFN_NAMES = {'origin': dict(fc1='layers.0.0', fc2='layers.1'),
-              'swiglu_fused': dict(fc1='w12', fc2='w3')}
 
 
 def _zero_key_bias(bias: torch.Tensor) -> torch.Tensor:
@@ -173,6 +163,8 @@ def hf_dinov3_to_intermediate(sd: StateDict, report: ConversionReport,
     Returns:
         Intermediate backbone weights.
     """
+    gated = any(re.fullmatch(r'layer\.\d+\.mlp\.gate_proj\.weight', k) for k in sd)
+    down = 'w3' if gated else 'fc2'
     simple = [
         (r'embeddings\.cls_token', 'cls_token'),
         (r'embeddings\.register_tokens', 'storage_tokens'),
@@ -181,12 +173,10 @@ def hf_dinov3_to_intermediate(sd: StateDict, report: ConversionReport,
         (r'layer\.(\d+)\.attention\.o_proj\.(weight|bias)', r'blocks.\1.attn.proj.\2'),
         (r'layer\.(\d+)\.layer_scale1\.lambda1', r'blocks.\1.ls1.gamma'),
         (r'layer\.(\d+)\.norm2\.(weight|bias)', r'blocks.\1.norm2.\2'),
-        (r'layer\.(\d+)\.mlp\.down_proj\.(weight|bias)', r'blocks.\1.mlp.{down}.\2'),
+        (r'layer\.(\d+)\.mlp\.down_proj\.(weight|bias)', rf'blocks.\1.mlp.{down}.\2'),
         (r'layer\.(\d+)\.layer_scale2\.lambda1', r'blocks.\1.ls2.gamma'),
         (r'norm\.(weight|bias)', r'norm.\1'),
     ]
-    gated = any(re.fullmatch(r'layer\.\d+\.mlp\.gate_proj\.weight', k) for k in sd)
-    down = 'w3' if gated else 'fc2'
     out: StateDict = {}
     projections: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
@@ -207,13 +197,11 @@ def hf_dinov3_to_intermediate(sd: StateDict, report: ConversionReport,
             continue
         if re.fullmatch(r'layer\.\d+\.mlp\.(gate|up)_proj\.(weight|bias)', key):
             continue  # fused below
-        for pattern, target in simple:
-            if re.fullmatch(pattern, key):
-                out[re.sub(f'^{pattern}$', target.format(down=down), key)] = value
-                break
-        else:
+        new = rename_key(key, simple)
+        if new is None:
             raise CheckpointConversionError(f'unexpected key {key!r} in a transformers {what} '
                                             'checkpoint')
+        out[new] = value
     for prefix, parts in projections.items():
         missing = [f'{p}.weight' for p in 'qkv' if f'{p}.weight' not in parts]
         if missing:
@@ -243,11 +231,7 @@ def read_hf_dinov3(sd: StateDict,
     Returns:
         ``(backbone weights, None)``.
     """
-    if all(k.startswith('dinov3_vit.') for k in sd):
-        sd = strip_prefix(sd, 'dinov3_vit.')
-    if 'embeddings.cls_token' not in sd:
-        raise CheckpointConversionError('not a transformers DINOv3ViTModel checkpoint: no '
-                                        f'embeddings.cls_token (found {sorted(sd)[:8]}...)')
+    sd = unwrap_transformers(sd, 'dinov3_vit.', 'transformers DINOv3ViTModel')
     if any(k.startswith('embeddings.position_embeddings') for k in sd):
         raise CheckpointConversionError('this checkpoint has learned position embeddings: it is '
                                         'DINOv2, not DINOv3 (use --format timm or meta-dinov2)')
@@ -269,36 +253,21 @@ def infer_dinov3_arch(sd: StateDict) -> dict:
     try:
         embed_dims = sd['cls_token'].shape[-1]
         kernel = sd['patch_embed.proj.weight']
-        layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r'blocks\.(\d+)\.', k))}
         swiglu = 'blocks.0.mlp.w12.weight' in sd
         fc1 = sd['blocks.0.mlp.w12.weight' if swiglu else 'blocks.0.mlp.fc1.weight']
     except KeyError as exc:
         raise CheckpointConversionError(f'DINOv3 backbone weights incomplete: {exc} missing'
                                         ) from exc
-    if layer_ids != set(range(len(layer_ids))):
-        raise CheckpointConversionError(f'block indices are not contiguous: {sorted(layer_ids)}')
+    num_layers = count_blocks(sd, 'DINOv3')
     if kernel.ndim != 4 or kernel.shape[-1] != kernel.shape[-2]:
         raise CheckpointConversionError(f'bad patch kernel {tuple(kernel.shape)}')
-    ffc = fc1.shape[0]
-    if swiglu:
-        # The constructor value (Meta's ffn_ratio * C) that mmpretrain's SwiGLUFFNFused turns
-        # back into this hidden width.
-        hidden = fc1.shape[0] // 2
-        ffc = math.ceil(hidden * 3 / 2)
-        if (int(ffc * 2 / 3) + 7) // 8 * 8 != hidden:
-            raise CheckpointConversionError(f'SwiGLU hidden width {hidden} cannot be expressed '
-                                            'by SwiGLUFFNFused (a multiple of 8 is needed)')
+    ffc = swiglu_feedforward_channels(fc1.shape[0] // 2) if swiglu else fc1.shape[0]
     reg = sd.get('storage_tokens')
-    return dict(embed_dims=int(embed_dims), num_layers=len(layer_ids),
+    return dict(embed_dims=int(embed_dims), num_layers=num_layers,
                 feedforward_channels=int(ffc), qkv_bias='blocks.0.attn.qkv.bias' in sd,
                 ffn_type='swiglu_fused' if swiglu else 'origin',
                 patch_size=int(kernel.shape[-1]), in_channels=int(kernel.shape[1]),
                 num_register_tokens=int(reg.shape[1]) if reg is not None else 0)
-
-
-def _arch_fields(arch: dict) -> dict:
-    return {k: arch[k] for k in ('embed_dims', 'num_layers', 'feedforward_channels', 'ffn_type',
-                                 'qkv_bias')}
 
 
 def inspect_dinov3(sd: StateDict, report: ConversionReport, arch: Optional[str] = None) -> dict:
@@ -317,16 +286,9 @@ def inspect_dinov3(sd: StateDict, report: ConversionReport, arch: Optional[str] 
     periods = sd.get('rope_embed.periods')
     num_heads = None if periods is None else _heads_from_periods(periods, info['embed_dims'])
     if arch is not None:
-        key = arch.lower()
-        if key not in DINOv3.arch_zoo:
-            raise CheckpointConversionError(f'unknown --arch {arch!r} for DINOv3; expected one of '
-                                            f'{sorted(DINOv3.arch_zoo)}')
-        preset = DINOv3.arch_zoo[key]
-        want = _arch_fields(dict(preset, ffn_type=preset.get('ffn_type', 'origin'),
-                                 qkv_bias=preset.get('qkv_bias', True)))
-        if _arch_fields(info) != want:
-            raise CheckpointConversionError(f'checkpoint is not DINOv3-{arch}: it has '
-                                            f'{_arch_fields(info)}, DINOv3-{arch} has {want}')
+        preset = check_preset(info, arch, DINOv3.arch_zoo, 'DINOv3', dict(
+            embed_dims=None, num_layers=None, feedforward_channels=None, ffn_type='origin',
+            qkv_bias=True))
         if num_heads is not None and num_heads != preset['num_heads']:
             raise CheckpointConversionError(f'checkpoint has {num_heads} heads (from its RoPE '
                                             f'periods), DINOv3-{arch} has {preset["num_heads"]}')
@@ -343,17 +305,7 @@ def _check_against_model(ours: StateDict, info: dict) -> None:
                                  ffn_type=info['ffn_type'], qkv_bias=info['qkv_bias']),
                        patch_size=info['patch_size'], in_channels=info['in_channels'],
                        num_register_tokens=info['num_register_tokens'])
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    shapes = [f'{k}: {tuple(ours[k].shape)} vs {expected[k]}'
-              for k in sorted(set(ours) & set(expected)) if tuple(ours[k].shape) != expected[k]]
-    if missing or unexpected or shapes:
-        raise CheckpointConversionError(
-            'converted backbone does not fit DINOv3'
-            + (f'; missing: {missing[:20]}' if missing else '')
-            + (f'; unexpected: {unexpected[:20]}' if unexpected else '')
-            + (f'; bad shapes: {shapes[:20]}' if shapes else ''))
+    check_fits_module(ours, model, 'converted backbone does not fit DINOv3', limit=20)
 
 
 def convert_dinov3(sd: StateDict, info: dict, report: ConversionReport, patch_size: int,
@@ -381,10 +333,8 @@ def convert_dinov3(sd: StateDict, info: dict, report: ConversionReport, patch_si
     if sd.pop('rope_embed.periods', None) is not None:
         report.skipped.append(('rope_embed.periods', f'base-{ROPE_BASE:g} RoPE periods (checked); '
                                                      'recomputed by the backbone in float32'))
-    rules = [(p, t.format(**_FFN_NAMES[info['ffn_type']])) for p, t in _BACKBONE_RULES]
-    ours, unexpected = rename_keys(sd, rules, report, report_prefix='backbone.')
-    if unexpected:
-        raise CheckpointConversionError(f'unexpected backbone keys (not DINOv3): {unexpected[:20]}')
+    rules = backbone_rules(_TOKEN_RULES, '(?:fc1|w12)', '(?:fc2|w3)', info['ffn_type'])
+    ours = rename_backbone(sd, rules, report, 'DINOv3')
     _check_against_model(ours, info)
     meta = dict(family='DINOv3', arch=info['arch'], num_heads=info['num_heads'],
                 embed_dims=info['embed_dims'], num_layers=info['num_layers'],

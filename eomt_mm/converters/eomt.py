@@ -26,14 +26,16 @@ import torch
 
 from eomt_mm.models.decode_heads import EoMTDecoder
 
-from .common import (CheckpointConversionError, ConversionReport, StateDict, rename_keys,
-                     strip_prefix)
+from .common import (CheckpointConversionError, ConversionReport, StateDict, check_fits_module,
+                     rename_key, rename_keys, unwrap_transformers)
 
-__all__ = ['DECODER_KEY_MAP', 'IMAGENET_MEAN', 'IMAGENET_STD', 'read_eomt', 'read_hf_eomt',
-           'convert_eomt_decoder']
+__all__ = ['DECODER_KEY_MAP', 'HF_DECODER_RULES', 'IMAGENET_MEAN', 'IMAGENET_STD',
+           'LOSS_BUFFER', 'read_eomt', 'read_hf_eomt', 'convert_eomt_decoder']
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Why the ``criterion.*`` tensors of a training checkpoint are skipped.
+LOSS_BUFFER = 'loss buffer, rebuilt from the loss config'
 
 # ---------------------------------------------------------------------------------------------
 # EoMT decoder key table: canonical (official EoMT, without ``network.``) -> this project's keys.
@@ -50,6 +52,19 @@ DECODER_KEY_MAP: List[Tuple[str, str]] = [
     (r'upscale\.(\d+)\.conv2\.weight', r'decoder.upscale.\1.conv2.weight'),
     (r'upscale\.(\d+)\.norm\.(weight|bias)', r'decoder.upscale.\1.norm.\2'),
     (r'attn_mask_probs', 'decoder.attn_mask_probs'),
+]
+#: transformers' EoMT head names (on DINOv2 and on DINOv3 alike) -> the official (canonical)
+#: names.
+HF_DECODER_RULES: List[Tuple[str, str]] = [
+    (r'query\.weight', 'q.weight'),
+    (r'class_predictor\.(weight|bias)', r'class_head.\1'),
+    (r'mask_head\.fc1\.(weight|bias)', r'mask_head.0.\1'),
+    (r'mask_head\.fc2\.(weight|bias)', r'mask_head.2.\1'),
+    (r'mask_head\.fc3\.(weight|bias)', r'mask_head.4.\1'),
+    (r'upscale_block\.block\.(\d+)\.conv1\.(weight|bias)', r'upscale.\1.conv1.\2'),
+    (r'upscale_block\.block\.(\d+)\.conv2\.weight', r'upscale.\1.conv2.weight'),
+    (r'upscale_block\.block\.(\d+)\.layernorm2d\.(weight|bias)', r'upscale.\1.norm.\2'),
+    (r'attn_mask_probs', 'attn_mask_probs'),
 ]
 
 
@@ -82,7 +97,7 @@ def read_eomt(sd: StateDict, report: ConversionReport) -> Tuple[StateDict, Optio
         elif key.startswith('network.'):
             decoder[key[len('network.'):]] = value
         elif key.startswith('criterion.'):
-            report.skipped.append((key, 'loss buffer, rebuilt from the loss config'))
+            report.skipped.append((key, LOSS_BUFFER))
         else:
             raise CheckpointConversionError(f'unexpected key {key!r} in an EoMT checkpoint')
     return backbone, decoder
@@ -99,11 +114,7 @@ def read_hf_eomt(sd: StateDict,
     Returns:
         ``(backbone weights, decoder weights)``.
     """
-    if all(k.startswith('model.') for k in sd):
-        sd = strip_prefix(sd, 'model.')
-    if 'embeddings.cls_token' not in sd:
-        raise CheckpointConversionError('not a Hugging Face EoMT checkpoint: no '
-                                        f'embeddings.cls_token (found {sorted(sd)[:8]}...)')
+    sd = unwrap_transformers(sd, 'model.', 'Hugging Face EoMT')
     backbone, decoder = {}, {}
     fused: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
     simple = [
@@ -120,23 +131,12 @@ def read_hf_eomt(sd: StateDict,
         (r'layers\.(\d+)\.layer_scale2\.lambda1', r'blocks.\1.ls2.gamma'),
         (r'layernorm\.(weight|bias)', r'norm.\1'),
     ]
-    decoder_rules = [
-        (r'query\.weight', 'q.weight'),
-        (r'class_predictor\.(weight|bias)', r'class_head.\1'),
-        (r'mask_head\.fc1\.(weight|bias)', r'mask_head.0.\1'),
-        (r'mask_head\.fc2\.(weight|bias)', r'mask_head.2.\1'),
-        (r'mask_head\.fc3\.(weight|bias)', r'mask_head.4.\1'),
-        (r'upscale_block\.block\.(\d+)\.conv1\.(weight|bias)', r'upscale.\1.conv1.\2'),
-        (r'upscale_block\.block\.(\d+)\.conv2\.weight', r'upscale.\1.conv2.weight'),
-        (r'upscale_block\.block\.(\d+)\.layernorm2d\.(weight|bias)', r'upscale.\1.norm.\2'),
-        (r'attn_mask_probs', 'attn_mask_probs'),
-    ]
     for key, value in sd.items():
         if key == 'embeddings.position_embeddings.weight':
             backbone['pos_embed'] = value[None]  # nn.Embedding [N, C] -> [1, N, C]
             continue
         if key.startswith('criterion.'):
-            report.skipped.append((key, 'loss buffer, rebuilt from the loss config'))
+            report.skipped.append((key, LOSS_BUFFER))
             continue
         m = re.fullmatch(r'layers\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)', key)
         if m:  # fused below in q, k, v order (timm / mmpretrain qkv layout)
@@ -148,14 +148,15 @@ def read_hf_eomt(sd: StateDict,
             fused.setdefault((f'blocks.{m.group(1)}.mlp.fc1.{m.group(3)}', 'swiglu'), {})[
                 m.group(2)] = value
             continue
-        for pattern, target, out in [(p, t, backbone) for p, t in simple] + [
-                (p, t, decoder) for p, t in decoder_rules]:
-            if re.fullmatch(pattern, key):
-                out[re.sub(f'^{pattern}$', target, key)] = value
-                break
-        else:
+        new = rename_key(key, simple)
+        if new is not None:
+            backbone[new] = value
+            continue
+        new = rename_key(key, HF_DECODER_RULES)
+        if new is None:
             raise CheckpointConversionError(f'unexpected key {key!r} in a Hugging Face EoMT '
                                             'checkpoint')
+        decoder[new] = value
     for (target, kind), parts in fused.items():
         order = ('q', 'k', 'v') if kind == 'qkv' else ('gate', 'up')
         missing = [p for p in order if p not in parts]
@@ -175,18 +176,9 @@ def _check_decoder_against_model(decoder_sd: StateDict, info: dict, embed_dims: 
         decoder = EoMTDecoder(num_classes=info['num_classes'], embed_dims=embed_dims,
                               patch_size=patch_size, num_queries=info['num_queries'],
                               num_blocks=info['num_blocks'])
-    expected = {'decoder.' + k: tuple(v.shape) for k, v in decoder.state_dict().items()}
-    missing = sorted(set(expected) - set(decoder_sd))
-    unexpected = sorted(set(decoder_sd) - set(expected))
-    shapes = [f'{k}: {tuple(decoder_sd[k].shape)} vs {expected[k]}'
-              for k in sorted(set(expected) & set(decoder_sd))
-              if tuple(decoder_sd[k].shape) != expected[k]]
-    if missing or unexpected or shapes:
-        raise CheckpointConversionError(
-            'converted decoder does not fit EoMTDecoder (fix DECODER_KEY_MAP)'
-            + (f'; missing: {missing}' if missing else '')
-            + (f'; unexpected: {unexpected}' if unexpected else '')
-            + (f'; bad shapes: {shapes}' if shapes else ''))
+    check_fits_module(decoder_sd, decoder,
+                      'converted decoder does not fit EoMTDecoder (fix DECODER_KEY_MAP)',
+                      key_prefix='decoder.')
 
 
 def _decoder_meta(canonical: StateDict, embed_dims: int, patch_size: int) -> dict:

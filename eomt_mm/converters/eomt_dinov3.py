@@ -30,25 +30,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import CheckpointConversionError, ConversionReport, StateDict, strip_prefix
+from .common import (CheckpointConversionError, ConversionReport, StateDict, rename_key,
+                     unwrap_transformers)
 from .dinov3 import (hf_dinov3_to_intermediate, infer_dinov3_arch, read_hf_dinov3,
                      read_meta_dinov3)
-from .eomt import IMAGENET_MEAN, IMAGENET_STD
+from .eomt import HF_DECODER_RULES, IMAGENET_MEAN, IMAGENET_STD, LOSS_BUFFER
 
 __all__ = ['read_hf_eomt_dinov3', 'read_dinov3_base', 'read_eomt_dinov3']
 
-# transformers EoMT head names -> official (canonical) EoMT names.
-_HF_DECODER_RULES = [
-    (r'query\.weight', 'q.weight'),
-    (r'class_predictor\.(weight|bias)', r'class_head.\1'),
-    (r'mask_head\.fc1\.(weight|bias)', r'mask_head.0.\1'),
-    (r'mask_head\.fc2\.(weight|bias)', r'mask_head.2.\1'),
-    (r'mask_head\.fc3\.(weight|bias)', r'mask_head.4.\1'),
-    (r'upscale_block\.block\.(\d+)\.conv1\.(weight|bias)', r'upscale.\1.conv1.\2'),
-    (r'upscale_block\.block\.(\d+)\.conv2\.weight', r'upscale.\1.conv2.weight'),
-    (r'upscale_block\.block\.(\d+)\.layernorm2d\.(weight|bias)', r'upscale.\1.norm.\2'),
-    (r'attn_mask_probs', 'attn_mask_probs'),
-]
 # The reference's DINOv3 backbone (a renamed DINOv3ViTModel) -> transformers' own names.
 _DELTA_BACKBONE_RULES = [
     (r'patch_embed\.(.*)', r'embeddings.\1'),
@@ -73,11 +62,7 @@ def read_hf_eomt_dinov3(sd: StateDict,
     Returns:
         ``(intermediate backbone weights, decoder weights in the official EoMT names)``.
     """
-    if all(k.startswith('model.') for k in sd):
-        sd = strip_prefix(sd, 'model.')
-    if 'embeddings.cls_token' not in sd:
-        raise CheckpointConversionError('not a transformers EoMT-DINOv3 checkpoint: no '
-                                        f'embeddings.cls_token (found {sorted(sd)[:8]}...)')
+    sd = unwrap_transformers(sd, 'model.', 'transformers EoMT-DINOv3')
     if any(k.startswith('embeddings.position_embeddings') for k in sd):
         raise CheckpointConversionError('this checkpoint has learned position embeddings: it is '
                                         'EomtForUniversalSegmentation on DINOv2, use --format '
@@ -85,21 +70,18 @@ def read_hf_eomt_dinov3(sd: StateDict,
     backbone, decoder = {}, {}
     for key, value in sd.items():
         if key.startswith('criterion.'):
-            report.skipped.append((key, 'loss buffer, rebuilt from the loss config'))
+            report.skipped.append((key, LOSS_BUFFER))
         elif key.startswith(('embeddings.', 'rope_embeddings.')):
             backbone[key] = value
         elif re.match(r'layers\.\d+\.', key):
             backbone['layer.' + key[len('layers.'):]] = value
         elif key.startswith('layernorm.'):
             backbone['norm.' + key[len('layernorm.'):]] = value
+        elif (name := rename_key(key, HF_DECODER_RULES)) is not None:
+            decoder[name] = value
         else:
-            for pattern, target in _HF_DECODER_RULES:
-                if re.fullmatch(pattern, key):
-                    decoder[re.sub(f'^{pattern}$', target, key)] = value
-                    break
-            else:
-                raise CheckpointConversionError(f'unexpected key {key!r} in a transformers '
-                                                'EoMT-DINOv3 checkpoint')
+            raise CheckpointConversionError(f'unexpected key {key!r} in a transformers '
+                                            'EoMT-DINOv3 checkpoint')
     if any(k.endswith('mlp.gate_proj.weight') for k in backbone):
         report.notes.append('gated MLP: this project computes SiLU in the SwiGLU and GELU in the '
                             "EoMT heads (as the reference); transformers' EomtDinov3 applies "
@@ -119,14 +101,11 @@ def _split_delta(sd: StateDict, report: ConversionReport) -> Tuple[StateDict, St
     backbone, decoder = {}, {}
     for key, value in sd.items():
         if key.startswith(_BACKBONE_PREFIX):
-            name = key[len(_BACKBONE_PREFIX):]
-            for pattern, target in _DELTA_BACKBONE_RULES:
-                if re.fullmatch(pattern, name):
-                    backbone[re.sub(f'^{pattern}$', target, name)] = value
-                    break
-            else:
+            name = rename_key(key[len(_BACKBONE_PREFIX):], _DELTA_BACKBONE_RULES)
+            if name is None:
                 raise CheckpointConversionError(f'unexpected backbone key {key!r} in a reference '
                                                 'EoMT-DINOv3 checkpoint')
+            backbone[name] = value
         elif key in ('network.encoder.pixel_mean', 'network.encoder.pixel_std'):
             initial = IMAGENET_MEAN if key.endswith('mean') else IMAGENET_STD
             if value.numel() != 3 or float(value.abs().max()) > _BUFFER_ATOL:
@@ -137,7 +116,7 @@ def _split_delta(sd: StateDict, report: ConversionReport) -> Tuple[StateDict, St
             report.skipped.append((key, f'normalisation delta 0 (ImageNet {initial}; x255 in '
                                         'the SegDataPreProcessor)'))
         elif key.startswith('criterion.'):
-            report.skipped.append((key, 'loss buffer, rebuilt from the loss config'))
+            report.skipped.append((key, LOSS_BUFFER))
         elif key.startswith('network.'):
             decoder[key[len('network.'):]] = value
         else:

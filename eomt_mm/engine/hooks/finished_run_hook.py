@@ -14,6 +14,8 @@ from mmengine.hooks import Hook
 from mmengine.runner import EpochBasedTrainLoop
 from mmseg.registry import HOOKS
 
+from .custom_hooks import add_custom_hook
+
 __all__ = ['FinishedRunHook', 'TrainingAlreadyFinished', 'add_finished_run_hook']
 
 
@@ -46,15 +48,12 @@ class FinishedRunHook(Hook):
 def add_finished_run_hook(cfg: Config) -> bool:
     """Append ``FinishedRunHook`` to ``cfg.custom_hooks`` unless it is there.
 
+    ``tools/train.py`` calls it for every run it starts.
+
     Args:
-        cfg (Config): A training config.
+        cfg: A training config.
 
     Returns:
-        bool: Whether the hook was added.
+        Whether the hook was added (False: the config already lists it).
     """
-    hooks = list(cfg.get('custom_hooks') or [])
-    if any(h.get('type') in ('FinishedRunHook', FinishedRunHook) for h in hooks):
-        return False
-    hooks.append(dict(type='FinishedRunHook'))
-    cfg.custom_hooks = hooks
-    return True
+    return add_custom_hook(cfg, FinishedRunHook)

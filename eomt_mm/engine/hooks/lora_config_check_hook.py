@@ -14,6 +14,7 @@ from mmseg.registry import HOOKS
 from eomt_mm.lora.config import LORA_CONFIG_ATTR
 from eomt_mm.utils.model import unwrap_model
 from ..lora_record import check_lora_config, recorded_checkpoint_lora_config
+from .custom_hooks import add_custom_hook
 
 __all__ = ['LoRAConfigCheckHook', 'add_lora_config_check_hook']
 
@@ -50,15 +51,12 @@ class LoRAConfigCheckHook(Hook):
 def add_lora_config_check_hook(cfg: Config) -> bool:
     """Append ``LoRAConfigCheckHook`` to ``cfg.custom_hooks`` unless it is there.
 
+    ``tools/test.py`` calls it unless run with ``--lora-from-config``.
+
     Args:
-        cfg (Config): A test config.
+        cfg: A test config.
 
     Returns:
-        bool: Whether the hook was added.
+        Whether the hook was added (False: the config already lists it).
     """
-    hooks = list(cfg.get('custom_hooks') or [])
-    if any(h.get('type') in ('LoRAConfigCheckHook', LoRAConfigCheckHook) for h in hooks):
-        return False
-    hooks.append(dict(type='LoRAConfigCheckHook'))
-    cfg.custom_hooks = hooks
-    return True
+    return add_custom_hook(cfg, LoRAConfigCheckHook)

@@ -40,6 +40,8 @@ from mmengine.dist import all_gather_object, get_rank, get_world_size
 from mmengine.hooks import Hook
 from mmseg.registry import HOOKS
 
+from .custom_hooks import add_custom_hook
+
 __all__ = ['RNGStateHook', 'add_rng_state_hook']
 
 _KEY = 'torch_rng_state'
@@ -167,9 +169,4 @@ def add_rng_state_hook(cfg: Config) -> bool:
     Returns:
         Whether the hook was added.
     """
-    hooks = list(cfg.get('custom_hooks') or [])
-    if any(h.get('type') in ('RNGStateHook', RNGStateHook) for h in hooks):
-        return False
-    hooks.append(dict(type='RNGStateHook'))
-    cfg.custom_hooks = hooks
-    return True
+    return add_custom_hook(cfg, RNGStateHook)
