@@ -8,6 +8,7 @@ from mmseg.structures import SegDataSample
 
 from eomt_mm.anomaly.ensemble import PrefixAdapterError, ensemble_anomaly_scores
 from eomt_mm.anomaly.scores import compute_anomaly_scores, semantic_map
+from eomt_mm.lora import count_parameters
 from eomt_mm.lora.adapters import adapter_state_keys, load_adapter, save_adapter
 
 SCORES = ['msp', 'maxlogit', 'entropy', 'energy', 'rba', 'eam']
@@ -199,3 +200,46 @@ def test_config_errors_are_clear(adapters):
         MODELS.build(_cfg('AdapterEnsembleEoMT', adapters=adapters[1][:2], member_seeds=[0]))
     with pytest.raises(ValueError, match='checkpoint_blocks'):
         MODELS.build(_cfg('AdapterEnsembleEoMT', member_seeds=[0, 1], checkpoint_blocks=3))
+
+
+def test_count_parameters_counts_every_members_lora():
+    torch.manual_seed(0)
+    single = MODELS.build(_cfg())
+    ensemble = MODELS.build(_cfg('AdapterEnsembleEoMT', member_seeds=[0, 1, 2]))
+    one, three = count_parameters(single), count_parameters(ensemble)
+    lora = sum(p.numel() for n, p in single.named_parameters() if n.endswith(('.lora_A',
+                                                                              '.lora_B')))
+    assert one['lora'] == lora > 0
+    assert three['lora'] == 3 * lora
+    assert three['trainable'] == 3 * one['trainable']
+    # The frozen base is shared by the members, not copied.
+    assert three['total'] - three['trainable'] == one['total'] - one['trainable']
+
+
+def test_stacked_modules_equal_each_member_alone():
+    """Each way of running members (batched norm, vmap, in turn) gives every member's output."""
+    from torch import nn
+
+    from eomt_mm.anomaly.ensemble import StackedModule
+    gen = torch.Generator().manual_seed(0)
+    norm = nn.LayerNorm(6)
+    head = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 4))
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU())
+    cases = [(norm, ['weight', 'bias'], 'layer_norm', (3, 7, 6)),
+             (nn.LayerNorm(6), ['weight'], 'layer_norm', (3, 6)),
+             (head, ['0.weight', '0.bias', '2.weight'], 'vmap', (3, 2, 6)),
+             (conv, ['0.weight', '0.bias'], 'members_in_turn', (3, 3, 5, 5))]
+    for module, names, strategy, shape in cases:
+        live = dict(module.named_parameters())
+        values = {n: live[n].detach() + torch.randn(2, *live[n].shape, generator=gen)
+                  for n in names}
+        stacked = StackedModule(copy.deepcopy(module), values)
+        assert stacked.strategy == strategy
+        assert set(dict(stacked.named_parameters())) == set(live)  # the single model's keys
+        x = torch.randn(2 * shape[0], *shape[1:], generator=gen)
+        got = stacked(x)
+        for k in range(2):
+            own = {n: values[n][k] if n in values else p for n, p in live.items()}
+            want = torch.func.functional_call(module, own, (x[k * shape[0]:(k + 1) * shape[0]], ))
+            torch.testing.assert_close(got[k * shape[0]:(k + 1) * shape[0]], want, rtol=1e-5,
+                                       atol=1e-6)

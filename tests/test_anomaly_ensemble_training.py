@@ -28,7 +28,7 @@ def _cfg(model_type, **kw):
                       img_size=32, patch_size=8, num_register_tokens=2),
         decoder=dict(type='EoMTDecoder', num_classes=3, num_queries=5, num_blocks=2,
                      num_points=64),
-        lora_config=LORA, outlier_loss=dict(type='RbALoss'), **kw)
+        lora_config=LORA, **dict(dict(outlier_loss=dict(type='RbALoss')), **kw))
 
 
 def _batches(num=3):
@@ -114,3 +114,23 @@ def test_joint_run_equals_separate_runs(tmp_path):
     torch.testing.assert_close(ensemble.split_members(masks)[1], want_masks, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ensemble.split_members(classes)[1], want_classes, rtol=1e-5,
                                atol=1e-5)
+
+
+def test_loss_from_predictions_is_the_loss_of_a_pass():
+    """``AnomalyEoMT.loss`` = ``loss_from_predictions`` of ``run_network`` (what members use)."""
+    for outlier_loss in (dict(type='RbALoss'), None):
+        torch.manual_seed(0)
+        model = MODELS.build(_cfg('AnomalyEoMT', outlier_loss=outlier_loss)).train()
+        model.decoder.attn_mask_probs.fill_(0.5)
+        batch = model.data_preprocessor(copy.deepcopy(_batches(1)[0]), True)
+        if outlier_loss is None:  # no pasted outliers without outlier exposure
+            for sample in batch['data_samples']:
+                sample.gt_sem_seg.data[sample.gt_sem_seg.data == 254] = 255
+        torch.manual_seed(4)
+        want = model.loss(batch['inputs'], batch['data_samples'])
+        torch.manual_seed(4)
+        predictions = model.run_network(batch['inputs'], masked_attn=True)
+        got = model.loss_from_predictions(predictions, batch['data_samples'])
+        assert got.keys() == want.keys() and ('loss_rba' in got) == (outlier_loss is not None)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)

@@ -36,7 +36,7 @@ from mmseg.utils import SampleList
 from torch import Tensor
 
 from eomt_mm.models.segmentors import EoMT
-from eomt_mm.models.segmentors.structures import InferenceOutputs
+from eomt_mm.models.segmentors.structures import EoMTPredictions, InferenceOutputs
 from eomt_mm.models.utils.geometry import (canvas_spans, image_geometry, restore_geometry,
                                            stitch_on_canvas)
 
@@ -103,11 +103,28 @@ class AnomalyEoMT(EoMT):
             data_samples: Samples with ``gt_sem_seg``.
 
         Returns:
+            The loss dict of :meth:`loss_from_predictions`.
+        """
+        predictions = self.run_network(inputs, masked_attn=self._masked_attn())
+        return self.loss_from_predictions(predictions, data_samples)
+
+    def loss_from_predictions(self, predictions: EoMTPredictions,
+                              data_samples: SampleList) -> dict:
+        """The losses of already computed predictions (:meth:`run_network`'s output).
+
+        Separate from :meth:`loss` so that a caller holding the predictions of several models
+        from one pass (an adapter ensemble's members) scores each with this code.
+
+        Args:
+            predictions: Every prediction of one pass (masked-attention ones included).
+            data_samples: Samples with ``gt_sem_seg``, one per prediction row.
+
+        Returns:
             The set-loss dict (pasted pixels ignored) and ``outlier_loss.loss_name``.
         """
         if self.outlier_loss is None:
-            return super().loss(inputs, data_samples)
-        predictions = self.run_network(inputs, masked_attn=self._masked_attn())
+            return self.decoder.loss(predictions.mask_logits, predictions.class_logits,
+                                     data_samples)
         gt = _stack_gt(data_samples)
         ignore = self.decoder.ignore_index
         outlier = gt == self.outlier_label
@@ -122,8 +139,9 @@ class AnomalyEoMT(EoMT):
                            'set-loss key')
         # float32 outside autocast: the RbA score is a sum of K saturating tanh terms whose
         # hinge margins half precision would blur.
-        with torch.autocast(device_type=inputs.device.type, enabled=False):
-            masks = F.interpolate(predictions.mask_logits[-1].float(), size=gt.shape[-2:],
+        final_masks = predictions.mask_logits[-1]
+        with torch.autocast(device_type=final_masks.device.type, enabled=False):
+            masks = F.interpolate(final_masks.float(), size=gt.shape[-2:],
                                   mode='bilinear', align_corners=False)
             losses[loss.loss_name] = loss(predictions.class_logits[-1].float(), masks, target)
         return losses

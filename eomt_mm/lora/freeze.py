@@ -134,13 +134,16 @@ def count_parameters(model: nn.Module) -> Dict[str, float]:
     Returns:
         dict: ``total``, ``trainable`` and ``lora`` (elements of LoRA matrices) as ints,
         and ``trainable_pct`` = 100 * trainable / total (0.0 for an empty model).
-        Shared parameters are counted once.
+        Shared parameters are counted once. LoRA matrices are those of every
+        :class:`LoRALinear` and of every module that names its own in a
+        ``lora_parameter_names`` attribute (layers holding several adapters at once, such as
+        the stacked layers of an adapter ensemble, which this package does not import).
     """
-    lora_ids = {
-        id(p)
-        for m in model.modules() if isinstance(m, LoRALinear)
-        for n, p in m.named_parameters(recurse=False) if n in _LORA_PARAMS
-    }
+    lora_ids = set()
+    for module in model.modules():
+        names = (_LORA_PARAMS if isinstance(module, LoRALinear) else getattr(
+            module, 'lora_parameter_names', ()))
+        lora_ids.update(id(p) for n, p in module.named_parameters(recurse=False) if n in names)
     total = trainable = lora = 0
     for p in model.parameters():
         n = p.numel()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-__all__ = ['LoRALinear']
+__all__ = ['LoRALinear', 'dropout_keep_mask']
 
 _INIT_LORA_A = ('kaiming_uniform', 'gaussian')
 
@@ -65,6 +65,18 @@ def _dropout(x: Tensor, p: float) -> Tuple[Tensor, Tensor]:
         # Reuse the spent random bits' buffer (4 bytes per element, as fp32): no new tensor.
         return torch.mul(x, keep, out=bits.view(torch.float32).view(x.shape)), keep
     return x * keep, keep
+
+
+def dropout_keep_mask(x: Tensor, p: float) -> Tensor:
+    """The uint8 0/1 keep mask (``x``'s shape) that :class:`LoRALinear`'s dropout draws for ``x``.
+
+    Drawn from torch's default generator of ``x``'s device, as the layer draws it.
+
+    Args:
+        x: An adapter input (its shape and device are used, not its values).
+        p: Dropout probability in ``[0, 1)``.
+    """
+    return _dropout(x.detach(), p)[1]
 
 
 def _gemm_dtype(x: Tensor) -> torch.dtype:
@@ -161,22 +173,13 @@ class LoRALinear(nn.Linear):
             (used by ``disable_adapters``). A merged layer must be unmerged first.
     """
 
-    def __init__(self,
-                 in_features: int,
-                 out_features: int,
-                 bias: bool = True,
-                 rank: int = 8,
-                 alpha: float = 16.0,
-                 dropout: float = 0.0,
-                 use_rslora: bool = False,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 8,
+                 alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
                  init_lora_a: str = 'kaiming_uniform',
-                 enable_slices: Optional[Sequence[bool]] = None,
-                 device=None,
-                 dtype=None) -> None:
+                 enable_slices: Optional[Sequence[bool]] = None, device=None, dtype=None) -> None:
         _check_lora_args(rank, alpha, dropout, init_lora_a)
         slices = _check_slices(enable_slices, out_features)
-        super().__init__(in_features, out_features, bias=bias, device=device,
-                         dtype=dtype)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.dropout = float(dropout)
@@ -195,10 +198,8 @@ class LoRALinear(nn.Linear):
             chunk = out_features // len(slices)
             num_enabled_slices = sum(slices)
             rows_out = chunk * num_enabled_slices
-            rows = torch.cat([
-                torch.arange(i * chunk, (i + 1) * chunk)
-                for i, on in enumerate(slices) if on
-            ])
+            rows = torch.cat([torch.arange(i * chunk, (i + 1) * chunk)
+                              for i, on in enumerate(slices) if on])
             # Non-persistent: follows .to(device) but stays out of the state dict.
             self.register_buffer('_lora_rows', rows.to(factory['device']),
                                  persistent=False)
@@ -255,10 +256,9 @@ class LoRALinear(nn.Linear):
         layer = layer.to_empty(device=linear.weight.device)
         if layer.enable_slices is not None:
             chunk = layer.out_features // len(layer.enable_slices)
-            layer._lora_rows = torch.cat([
-                torch.arange(i * chunk, (i + 1) * chunk)
-                for i, on in enumerate(layer.enable_slices) if on
-            ]).to(linear.weight.device)
+            layer._lora_rows = torch.cat([torch.arange(i * chunk, (i + 1) * chunk)
+                                          for i, on in enumerate(layer.enable_slices) if on
+                                          ]).to(linear.weight.device)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:

@@ -114,6 +114,41 @@ def initial_values(model: nn.Module, keys: Sequence[str],
     return members
 
 
+#: Below these modules, a container holding only member tensors (``mask_head``, ``upscale``) is
+#: stacked as one unit: ``EoMTDecoder.predict`` calls its heads and upscaler as modules, while
+#: their insides may read a child's weights directly (``ScaleBlock`` computes its transposed
+#: convolution as a GEMM on ``conv1.weight``), which a stacked child alone would not see. Elsewhere
+#: (the backbone, whose blocks ``forward_block`` runs piece by piece) leaf modules are stacked.
+_WHOLE_UNITS_BELOW = ('decoder', )
+
+
+def _stacking_units(model: nn.Module, keys: Sequence[str]) -> Dict[str, List[str]]:
+    """Module name -> its member keys (relative names) for each module to stack."""
+    key_set = set(keys)
+    modules = dict(model.named_modules())
+    only_members: Dict[str, bool] = {}
+
+    def holds_only_members(name: str) -> bool:
+        if name not in only_members:
+            module = modules[name]
+            own = list(module.state_dict(keep_vars=True))
+            only_members[name] = (bool(own) and all(f'{name}.{k}' in key_set for k in own)
+                                  and not any(isinstance(m, LoRALinear) for m in module.modules()))
+        return only_members[name]
+
+    units: Dict[str, List[str]] = OrderedDict()
+    for key in keys:
+        unit = key.rpartition('.')[0]
+        while not isinstance(modules[unit], LoRALinear):
+            parent = unit.rpartition('.')[0]
+            if not (any(parent.startswith(root + '.') for root in _WHOLE_UNITS_BELOW)
+                    and holds_only_members(parent)):
+                break
+            unit = parent
+        units.setdefault(unit, []).append(key[len(unit) + 1:])
+    return units
+
+
 def stack_members(model: nn.Module, members: Sequence[Mapping[str, Tensor]],
                   scalings: Sequence[Mapping[str, float]],
                   streams: MemberStreams) -> None:
@@ -125,12 +160,8 @@ def stack_members(model: nn.Module, members: Sequence[Mapping[str, Tensor]],
         scalings: Per member, LoRA layer name -> scaling.
         streams: The members' random streams (for LoRA dropout).
     """
-    owners: Dict[str, List[str]] = OrderedDict()
-    for key in members[0]:
-        owner, _, name = key.rpartition('.')
-        owners.setdefault(owner, []).append(name)
     modules = dict(model.named_modules())
-    for owner, names in owners.items():
+    for owner, names in _stacking_units(model, list(members[0])).items():
         module = modules[owner]
         stacked = {n: torch.stack([m[f'{owner}.{n}'] for m in members]) for n in names}
         if isinstance(module, LoRALinear):

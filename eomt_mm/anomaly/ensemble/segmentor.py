@@ -5,7 +5,9 @@ blocks ``0 .. L - L2 - 1`` compute the same tokens for every adapter. This segme
 per image, then the K members batched: :class:`EnsembleEoMTDecoder` fans the tokens out to
 ``K * B`` member-stacked rows when the queries join, and every module holding member tensors is a
 stacked module (:mod:`.stacked`), so EoMT's own block loop runs unchanged, with no loop over
-members. Cost per image: about ``1 + (K - 1) * (L2 / L + decoder share)`` of one model.
+members (only the upscaler's convolutions run member by member, on their rows of the stacked
+batch, where that is faster than batching them). Cost per image: about
+``1 + (K - 1) * (L2 / L + decoder share)`` of one model.
 
 Configuration (``model = dict(type='AdapterEnsembleEoMT', ...)``, otherwise an ``AnomalyEoMT``):
 
@@ -22,11 +24,14 @@ Configuration (``model = dict(type='AdapterEnsembleEoMT', ...)``, otherwise an `
 
 Outputs: ``seg_logits`` / ``pred_sem_seg`` of the mean of the members' per-pixel class scores,
 ``anomaly_scores`` as configured. Training sums the members' losses (keys ``m{k}.loss_*``).
+The members' random streams are part of the state dict (``_extra_state``, plain tensors), so a
+checkpoint holds them and a resumed joint run continues exactly.
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence
+import logging
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +58,10 @@ __all__ = ['AdapterEnsembleEoMT']
 _CHECK_BASE = ('warn', 'error', 'ignore')
 
 
+#: torch's state-dict key of a module's ``get_extra_state`` (here: the member streams).
+_EXTRA_STATE_KEY = '_extra_state'
+
+
 def _keep_member_values(module: 'AdapterEnsembleEoMT', state_dict: dict, prefix: str,
                         *args) -> None:
     """Load-state-dict pre-hook: single-model values of member tensors leave members as they are.
@@ -60,18 +69,29 @@ def _keep_member_values(module: 'AdapterEnsembleEoMT', state_dict: dict, prefix:
     A single model's checkpoint (the base an ensemble of adapter files runs on, or ``load_from``
     of a joint run) holds one value per member tensor; the members keep their own (adapters
     loaded, or their initialisation) instead of failing on the shape, and the shared tensors load.
+    Without saved member streams the streams stay as they are (a strict load does not fail).
     """
     live = dict(module.state_dict(keep_vars=True))
-    kept = []
+    kept, stacked = [], []
     for key, shape in module.member_layout.items():
         value = state_dict.get(prefix + key)
         if value is not None and tuple(value.shape) == tuple(shape):
             state_dict[prefix + key] = live[key].detach()
             kept.append(key)
+        elif value is not None:
+            stacked.append(key)
     if kept:
         print_log(f'AdapterEnsembleEoMT: the checkpoint holds single-model values of {len(kept)} '
                   f'member tensors (e.g. {kept[0]}); each member keeps its own',
                   logger='current')
+    if prefix + _EXTRA_STATE_KEY not in state_dict:
+        if stacked:
+            print_log('AdapterEnsembleEoMT: the checkpoint holds the members\' own tensors but '
+                      f'not their random streams (no {_EXTRA_STATE_KEY!r} entry: written by a '
+                      'version that did not save them); the members keep their current '
+                      'streams, so a resumed run is not exact', logger='current',
+                      level=logging.WARNING)
+        state_dict[prefix + _EXTRA_STATE_KEY] = live[_EXTRA_STATE_KEY]
 
 
 @MODELS.register_module()
@@ -160,7 +180,6 @@ class AdapterEnsembleEoMT(AnomalyEoMT):
                       self.member_streams)
         self.decoder.num_members = self.num_members
         self.decoder.member_streams = self.member_streams
-        self._given_predictions: Optional[EoMTPredictions] = None
         self.register_load_state_dict_pre_hook(_keep_member_values)
         if adapters:
             self.load_members(adapters, check_base=check_base)
@@ -186,6 +205,35 @@ class AdapterEnsembleEoMT(AnomalyEoMT):
         for k, (tensors, scalings, _) in enumerate(read):
             set_member(self, k, tensors, scalings)
 
+    def get_extra_state(self) -> dict:
+        """The members' random streams, saved in the state dict (hence in checkpoints).
+
+        Plain tensors only (:meth:`MemberStreams.state_dict`), so weights-only loading reads
+        them; a resumed joint run continues every member's LoRA-dropout, masked-attention and
+        point-sampling draws where the saved run stopped.
+        """
+        return {'member_streams': self.member_streams.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Continue from saved member streams (:meth:`get_extra_state`).
+
+        Streams saved with other seeds are not restored (a warning says so): they belong to
+        other members, and these members draw from their own seeds' streams.
+
+        Args:
+            state: What :meth:`get_extra_state` returned when the checkpoint was written.
+        """
+        if not isinstance(state, Mapping) or 'member_streams' not in state:
+            raise ValueError('AdapterEnsembleEoMT: the state dict entry '
+                             f'{_EXTRA_STATE_KEY!r} must be a dict with "member_streams" '
+                             f'(written by get_extra_state), got {type(state).__name__}')
+        if not self.member_streams.load_state_dict(state['member_streams']):
+            saved = state['member_streams']['seeds'].tolist()
+            print_log(f'AdapterEnsembleEoMT: the checkpoint\'s member random streams have seeds '
+                      f'{saved}, this ensemble\'s member_seeds are {self.member_streams.seeds}; '
+                      'the streams are not restored (each member draws from its own seed)',
+                      logger='current', level=logging.WARNING)
+
     def member_state(self, index: int) -> Dict[str, Tensor]:
         """Member ``index``'s tensors with the keys and shapes of a single model's adapter."""
         return member_values(self, index, list(self.member_layout))
@@ -197,7 +245,8 @@ class AdapterEnsembleEoMT(AnomalyEoMT):
         """
         single = MODELS.build(copy.deepcopy(self.single_model_cfg))
         own = self.member_state(index)
-        state = {k: (own[k] if k in own else v) for k, v in self.state_dict().items()}
+        state = {k: (own[k] if k in own else v) for k, v in self.state_dict().items()
+                 if k != _EXTRA_STATE_KEY}
         single.load_state_dict(state, strict=True)
         modules = dict(single.named_modules())
         for name, layer in self.named_modules():
@@ -213,22 +262,17 @@ class AdapterEnsembleEoMT(AnomalyEoMT):
                               *tensor.shape[1:])
 
     # ------------------------------------------------------------------ network
-    def run_network(self, inputs: Tensor, masked_attn: bool) -> EoMTPredictions:
-        """:meth:`EoMT.run_network` on member-stacked rows ``[K * B]`` (member-major).
-
-        While :meth:`loss` hands one member's slice of an already computed pass to the
-        single-model loss, this returns that slice instead of running the network again.
-        """
-        if self._given_predictions is not None:
-            given, self._given_predictions = self._given_predictions, None
-            return given
-        return super().run_network(inputs, masked_attn)
-
     def loss(self, inputs: Tensor, data_samples: SampleList) -> dict:
-        """Sum of the members' :meth:`AnomalyEoMT.loss` on one shared-prefix pass.
+        """Sum of the members' losses on one shared-prefix pass.
 
-        Each member's loss is computed by the single-model code on its slice, inside its own
-        random stream (point sampling), so it equals the loss of that member trained alone.
+        :meth:`EoMT.run_network` runs once on member-stacked rows ``[K * B]`` (member-major);
+        each member's slice of its predictions goes to the single-model
+        :meth:`AnomalyEoMT.loss_from_predictions` inside that member's random stream (point
+        sampling), so it equals the loss of that member trained alone.
+
+        Args:
+            inputs: Normalised images ``[B, C, H, W]``.
+            data_samples: Samples with ``gt_sem_seg``.
 
         Returns:
             The members' loss dicts, keys prefixed ``m{k}.``.
@@ -236,14 +280,11 @@ class AdapterEnsembleEoMT(AnomalyEoMT):
         predictions = self.run_network(inputs, masked_attn=self._masked_attn())
         losses = {}
         for k in range(self.num_members):
-            self._given_predictions = EoMTPredictions(
+            member_predictions = EoMTPredictions(
                 [self.split_members(m)[k] for m in predictions.mask_logits],
                 [self.split_members(c)[k] for c in predictions.class_logits])
-            try:
-                with self.member_streams.member(k, inputs.device):
-                    member = super().loss(inputs, data_samples)
-            finally:
-                self._given_predictions = None
+            with self.member_streams.member(k, inputs.device):
+                member = self.loss_from_predictions(member_predictions, data_samples)
             losses.update({f'm{k}.{key}': value for key, value in member.items()})
         return losses
 

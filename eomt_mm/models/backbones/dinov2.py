@@ -227,13 +227,20 @@ class DINOv2(VisionTransformer):
                 nn.init.normal_(self.register_tokens, std=1e-6)
             trunc_normal_(self.pos_embed, std=0.02)
 
+    def _missing_pretrained_file(self) -> Optional[str]:
+        """The configured local ``Pretrained`` checkpoint when that file does not exist, or None."""
+        if not (isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'):
+            return None
+        path = self.init_cfg.get('checkpoint')
+        if not isinstance(path, str) or '://' in path or os.path.isfile(os.path.expanduser(path)):
+            return None
+        return path
+
     def _check_pretrained_file(self) -> None:
         # mmengine would only say "Checkpoint file ... does not exist" from deep inside
         # init_weights; the fix (download Meta's weights, convert them) is specific to this class.
-        if not (isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'):
-            return
-        path = self.init_cfg.get('checkpoint')
-        if not isinstance(path, str) or '://' in path or os.path.isfile(os.path.expanduser(path)):
+        path = self._missing_pretrained_file()
+        if path is None:
             return
         size = {384: 's', 768: 'b', 1024: 'l', 1536: 'g'}.get(self.embed_dims, 'b')
         reg = '_reg4' if self.num_register_tokens else ''
@@ -261,6 +268,17 @@ class DINOv2(VisionTransformer):
             ``(tokens, (h, w))``: tokens ``[B, 1 + R + h*w, C]`` ordered CLS, registers, patches
             (only patches get a position embedding), and the patch grid size.
         """
+        tokens, hw = self.patch_tokens(x)
+        tokens = self.prepend_prefix_tokens(tokens + self.resized_pos_embed(hw))
+        return self.pre_norm(tokens), hw
+
+    def patch_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Patchify images: ``[B, in_channels, H, W] -> ([B, h*w, C], (h, w))``.
+
+        Raises:
+            ValueError: For inputs that are not 4-D or whose sides are not multiples of the
+                patch size (the message suggests the nearest crop).
+        """
         if x.ndim != 4:
             raise ValueError(f'expected images [B, C, H, W], got shape {tuple(x.shape)}')
         height, width = x.shape[-2:]
@@ -270,15 +288,17 @@ class DINOv2(VisionTransformer):
                              f'{height // self.patch_size * self.patch_size}x'
                              f'{width // self.patch_size * self.patch_size})')
         tokens, hw = self.patch_embed(x)
-        hw = (hw[0], hw[1])  # sizes stay symbolic under torch.export (dynamic ONNX export)
-        tokens = tokens + self.resized_pos_embed(hw)
+        return tokens, (hw[0], hw[1])  # sizes stay symbolic under torch.export (dynamic ONNX)
+
+    def prepend_prefix_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, h*w, C]`` patch tokens -> ``[B, 1 + R + h*w, C]``: CLS, registers, patches.
+
+        The dropout after the position embedding (``drop_rate``) applies to the whole sequence.
+        """
         prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
         if self.register_tokens is not None:
             prefix.append(self.register_tokens.expand(tokens.shape[0], -1, -1))
-        tokens = torch.cat(prefix + [tokens], dim=1)
-        tokens = self.drop_after_pos(tokens)
-        tokens = self.pre_norm(tokens)
-        return tokens, hw
+        return self.drop_after_pos(torch.cat(prefix + [tokens], dim=1))
 
     def forward_block(self,
                       index: int,

@@ -6,13 +6,14 @@ for a backbone that is the silent failure this module exists to prevent.
 """
 import math
 import re
+from typing import Dict, List, Optional
 
 from mmengine.logging import MMLogger
 from torch import nn
 
 from eomt_mm.utils.resample import resample_patch_kernel, resize_pos_embed_grid
 
-__all__ = ['fit_dinov2_state_dict']
+__all__ = ['fit_dinov2_state_dict', 'raise_misfit', 'structural_problems']
 
 
 def fit_dinov2_state_dict(backbone: nn.Module, state_dict: dict, prefix: str) -> None:
@@ -57,6 +58,30 @@ def fit_dinov2_state_dict(backbone: nn.Module, state_dict: dict, prefix: str) ->
                     f'{tuple(own_kernel.shape[2:])}')
         state_dict[name] = resample_patch_kernel(state_dict[name], own_kernel.shape[2:])
 
+    own = dict(backbone.named_parameters())
+    own.update(backbone.named_buffers())
+    problems += structural_problems(backbone, state_dict, prefix, own)
+    raise_misfit(backbone, problems)
+
+
+def structural_problems(backbone: nn.Module, state_dict: dict, prefix: str, own: dict,
+                        shape_hints: Optional[Dict[str, str]] = None) -> List[str]:
+    """What keeps a state dict from fitting a DINOv2-family backbone's structure.
+
+    Shared by DINOv2 and DINOv3 (whose other checks differ): another layer count, register
+    tokens present in one and not the other, and tensors of another shape.
+
+    Args:
+        backbone: The module (``num_layers``, ``register_tokens``, ``num_register_tokens``).
+        state_dict: The state dict being loaded.
+        prefix: The backbone's key prefix in ``state_dict``.
+        own: The module's tensors to compare shapes with, by key without ``prefix``.
+        shape_hints: Key without prefix -> text appended to that key's shape mismatch.
+
+    Returns:
+        One sentence per problem (empty when the structure fits).
+    """
+    problems = []
     layer_re = re.compile(re.escape(prefix) + r'layers\.(\d+)\.')
     ckpt_layers = {int(m.group(1)) for k in state_dict if (m := layer_re.match(k))}
     if ckpt_layers and ckpt_layers != set(range(backbone.num_layers)):
@@ -66,15 +91,24 @@ def fit_dinov2_state_dict(backbone: nn.Module, state_dict: dict, prefix: str) ->
     if (reg in state_dict) != (backbone.register_tokens is not None):
         problems.append(f'checkpoint {"has" if reg in state_dict else "lacks"} register_tokens '
                         f'but the model has num_register_tokens={backbone.num_register_tokens}')
-    own = dict(backbone.named_parameters())
-    own.update(backbone.named_buffers())
     for key, value in own.items():
         full = prefix + key
         if full in state_dict and tuple(state_dict[full].shape) != tuple(value.shape):
             problems.append(f'{full}: checkpoint {tuple(state_dict[full].shape)} vs model '
-                            f'{tuple(value.shape)}')
+                            f'{tuple(value.shape)}{(shape_hints or {}).get(key, "")}')
+    return problems
+
+
+def raise_misfit(backbone: nn.Module, problems: List[str]) -> None:
+    """Raise ``ValueError`` naming the backbone and its first 10 problems, if there are any.
+
+    Args:
+        backbone: The module being loaded (its class name and architecture are quoted).
+        problems: Sentences describing what does not fit.
+    """
     if problems:
-        raise ValueError(f'checkpoint does not fit DINOv2(arch={backbone.arch_name!r}, '
-                         f'embed_dims={backbone.embed_dims}, num_layers={backbone.num_layers}, '
-                         f'ffn_type={backbone.ffn_type!r}): ' + '; '.join(problems[:10])
+        raise ValueError(f'checkpoint does not fit {type(backbone).__name__}(arch='
+                         f'{backbone.arch_name!r}, embed_dims={backbone.embed_dims}, '
+                         f'num_layers={backbone.num_layers}, ffn_type={backbone.ffn_type!r}): '
+                         + '; '.join(problems[:10])
                          + (f'; ... ({len(problems)} problems)' if len(problems) > 10 else ''))

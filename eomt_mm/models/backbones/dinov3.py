@@ -44,7 +44,6 @@ No buffers, no ``pos_embed``. Loading refuses (``ValueError``) a position table,
 transformers' raw layouts, another layer count, missing/unexpected registers and any shape
 mismatch (a patch kernel of another size too: nothing is resampled).
 """
-import os
 import re
 from typing import Optional, Sequence, Tuple
 
@@ -56,6 +55,7 @@ from mmseg.registry import MODELS
 
 from ..utils.attention import check_attn_mask, split_heads
 from .dinov2 import DINOv2
+from .dinov2_loading import raise_misfit, structural_problems
 from .rope import augment_coords, patch_center_coords, rope_cos_sin, rotate_patch_tokens
 
 # Meta's hub (dinov3/hub/backbones.py): embed_dim, depth, num_heads, ffn_ratio * embed_dim,
@@ -240,12 +240,9 @@ class DINOv3(DINOv2):
         self._zero_key_bias()
 
     def _check_pretrained_file(self) -> None:
-        # mmengine would only say "Checkpoint file ... does not exist" from deep inside
-        # init_weights; the fix (download Meta's weights, convert them) is specific to this class.
-        if not (isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'):
-            return
-        path = self.init_cfg.get('checkpoint')
-        if not isinstance(path, str) or '://' in path or os.path.isfile(os.path.expanduser(path)):
+        # As DINOv2's, with DINOv3's weights and converter formats in the message.
+        path = self._missing_pretrained_file()
+        if path is None:
             return
         hub = next((hub for short, (_, hub) in _ARCH_NAMES.items() if _DINOV3_ARCHS[short]
                     is self.arch_zoo.get(str(self.arch_name).lower())), 'vitb16')
@@ -274,20 +271,8 @@ class DINOv3(DINOv2):
             ``(tokens, (h, w))``: tokens ``[B, 1 + R + h*w, C]`` ordered CLS, registers,
             patches (no position is added to any token), and the patch grid size.
         """
-        if x.ndim != 4:
-            raise ValueError(f'expected images [B, C, H, W], got shape {tuple(x.shape)}')
-        height, width = x.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f'input size {height}x{width} is not a multiple of the patch size '
-                             f'{self.patch_size}; resize or pad the image (e.g. a crop of '
-                             f'{height // self.patch_size * self.patch_size}x'
-                             f'{width // self.patch_size * self.patch_size})')
-        tokens, hw = self.patch_embed(x)
-        hw = (hw[0], hw[1])  # sizes stay symbolic under torch.export (dynamic ONNX export)
-        prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
-        if self.register_tokens is not None:
-            prefix.append(self.register_tokens.expand(tokens.shape[0], -1, -1))
-        tokens = self.drop_after_pos(torch.cat(prefix + [tokens], dim=1))
+        tokens, hw = self.patch_tokens(x)
+        tokens = self.prepend_prefix_tokens(tokens)
         coords = patch_center_coords(hw[0], hw[1], device=x.device)
         if self.training:
             coords = augment_coords(coords, self.pos_embed_shift, self.pos_embed_jitter,
@@ -356,28 +341,11 @@ class DINOv3(DINOv2):
                 if re.fullmatch(pattern, key[len(prefix):]):
                     problems.append(f'{key} is {hint}')
                     break
-        layer_re = re.compile(re.escape(prefix) + r'layers\.(\d+)\.')
-        ckpt_layers = {int(m.group(1)) for k in own_keys if (m := layer_re.match(k))}
-        if ckpt_layers and ckpt_layers != set(range(self.num_layers)):
-            problems.append(f'checkpoint has layers {min(ckpt_layers)}..{max(ckpt_layers)} '
-                            f'({len(ckpt_layers)}), this model has {self.num_layers}')
-        reg = prefix + 'register_tokens'
-        if (reg in state_dict) != (self.register_tokens is not None):
-            problems.append(f'checkpoint {"has" if reg in state_dict else "lacks"} register_tokens '
-                            f'but the model has num_register_tokens={self.num_register_tokens}')
-        own = dict(self.named_parameters())
-        for key, value in own.items():
-            full = prefix + key
-            if full in state_dict and tuple(state_dict[full].shape) != tuple(value.shape):
-                hint = (' (DINOv3 is patch 16 natively; patch kernels are not resampled)'
-                        if key == 'patch_embed.projection.weight' else '')
-                problems.append(f'{full}: checkpoint {tuple(state_dict[full].shape)} vs model '
-                                f'{tuple(value.shape)}{hint}')
-        if problems:
-            raise ValueError(f'checkpoint does not fit DINOv3(arch={self.arch_name!r}, '
-                             f'embed_dims={self.embed_dims}, num_layers={self.num_layers}, '
-                             f'ffn_type={self.ffn_type!r}): ' + '; '.join(problems[:10])
-                             + (f'; ... ({len(problems)} problems)' if len(problems) > 10 else ''))
+        problems += structural_problems(
+            self, state_dict, prefix, dict(self.named_parameters()),
+            shape_hints={'patch_embed.projection.weight':
+                         ' (DINOv3 is patch 16 natively; patch kernels are not resampled)'})
+        raise_misfit(self, problems)
         # DINOv3 has no key bias (Meta's masked qkv bias may store arbitrary, unused values there).
         channels, nonzero = self.embed_dims, 0
         for i in range(self.num_layers):
