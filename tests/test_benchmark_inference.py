@@ -141,10 +141,14 @@ def test_summarise_medians_and_ratios():
 
 def test_targets_verdicts():
     rows = {'ours': dict(wall_x=1.0, cpu_x=1.0), 'lora_merged': dict(wall_x=1.01, cpu_x=1.03),
-            'hf': dict(wall_x=1.25, cpu_x=0.8)}
+            'hf': dict(wall_x=1.25, cpu_x=0.8, round_cpu_x=[1.02, 1.04, 1.01])}
     merged, hf = inference.targets(rows)
     assert '1.010 wall, 1.030 CPU -> wall met, cpu NOT met' in merged
-    assert 'ours / hf = 0.800 wall, 1.250 CPU' in hf and 'wall met, cpu NOT met' in hf
+    assert 'ours / hf = 0.800 wall, 1.250 cpu, 0.980 per-round CPU' in hf
+    assert 'wall met, cpu NOT met, per-round CPU NOT met' in hf  # 0.980 > 0.97
+    rows['hf']['round_cpu_x'] = [1.04, 1.05, 1.03]
+    assert 'per-round CPU met' in inference.targets(rows)[1]  # 1 / 1.04 = 0.962
+    assert inference.targets({'ours': rows['ours']}) == []
 
 
 def test_parse_args_defaults_and_errors():
@@ -170,6 +174,21 @@ def test_main_smoke_and_json(tmp_path, capsys):
     assert all(len(c) == 2 for c in result['calls'].values())  # 2 rounds x 1 call
     assert result['rows']['ours']['wall_x'] == 1.0
     assert result['agreement']['ours vs hf']['mask'] < 1e-5
+
+
+def test_main_times_only_the_chosen_variants_and_profiles(tmp_path, capsys):
+    out = tmp_path / 'inference.json'
+    rc = inference.main(['--size', '32', '--repeats', '1', '--steps', '1', '--warmup', '0',
+                         '--variants', 'hf', '--profile', '5', '--out', str(out)],
+                        model_cfg=TINY, lora_config=LORA)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert set(result['rows']) == {'ours', 'hf'}  # ours always: the baseline
+    assert 'lora_merged vs lora' in printed  # all four are still checked
+    assert 'profile: self CPU time per call' in printed and '| operator' in printed
+    assert {'ours', 'hf'} == set(result['profile'])
+    assert any(row['op'] == 'aten::addmm' for row in result['profile']['ours'])
 
 
 def test_main_fails_loudly_on_disagreement(monkeypatch, capsys):

@@ -51,8 +51,14 @@ def test_scale_block_equals_its_layers_in_sequence():
     ref = block.conv2(F.gelu(ref))
     ref = F.layer_norm(ref.permute(0, 2, 3, 1), (16, ), block.norm.weight, block.norm.bias,
                        1e-6).permute(0, 3, 1, 2)
-    with torch.no_grad():
+    with torch.no_grad():  # the in-place activation
         torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)  # the recorded one
+    block.act = torch.nn.GELU(approximate='tanh')  # the configured activation is the one used
+    with torch.no_grad():
+        tanh_out = block(x)
+    assert not torch.allclose(tanh_out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tanh_out, block(x), atol=1e-6, rtol=1e-6)
     # Same parameters and state-dict keys as a checkpoint of the reference layout.
     assert sorted(block.state_dict()) == ['conv1.bias', 'conv1.weight', 'conv2.weight',
                                           'norm.bias', 'norm.weight']

@@ -535,27 +535,36 @@ def report(rows: Mapping[str, dict], params: Mapping[str, int], header: str,
          'parameters'], table)
 
 
+# ours / hf at most this, by the median of the per-round CPU-time ratios: "faster than transformers"
+# with a margin above this machine's round-to-round noise.
+FASTER_THAN_HF = 0.97
+
+
 def targets(rows: Mapping[str, dict]) -> List[str]:
-    """The issue's two targets, from the ratios of medians (both clocks)."""
+    """The two targets: merged LoRA within 2% of no LoRA, this project faster than transformers.
+
+    The first is judged on the ratios of medians (both clocks); the second on ``ours / hf`` by
+    the ratios of medians (both clocks) and by the median of the per-round CPU ratios, each
+    against :data:`FASTER_THAN_HF`.
+    """
     lines = []
-    for name, limit, what in (('lora_merged', 1.02, 'merged LoRA within 2% of no LoRA'),
-                              ('hf', None, 'this project no slower than transformers')):
-        if name not in rows:
-            continue
-        r = rows[name]
-        if limit is not None:
-            verdict = {c: r[f'{c}_x'] <= limit for c in ('wall', 'cpu')}
-            lines.append(f'target "{what}": lora_merged / ours = {r["wall_x"]:.3f} wall, '
-                         f'{r["cpu_x"]:.3f} CPU -> '
-                         + ', '.join(f'{c} {"met" if ok else "NOT met"}'
-                                     for c, ok in verdict.items()))
-        else:
-            ours_over_hf = {c: 1.0 / r[f'{c}_x'] for c in ('wall', 'cpu')}
-            lines.append(f'target "{what}": ours / hf = {ours_over_hf["wall"]:.3f} wall, '
-                         f'{ours_over_hf["cpu"]:.3f} CPU (hf / ours = {r["wall_x"]:.3f} wall, '
-                         f'{r["cpu_x"]:.3f} CPU) -> '
-                         + ', '.join(f'{c} {"met" if v <= 1.0 else "NOT met"}'
-                                     for c, v in ours_over_hf.items()))
+    if 'lora_merged' in rows:
+        r = rows['lora_merged']
+        verdict = {c: r[f'{c}_x'] <= 1.02 for c in ('wall', 'cpu')}
+        lines.append('target "merged LoRA within 2% of no LoRA": lora_merged / ours = '
+                     f'{r["wall_x"]:.3f} wall, {r["cpu_x"]:.3f} CPU -> '
+                     + ', '.join(f'{c} {"met" if ok else "NOT met"}' for c, ok in verdict.items()))
+    if 'hf' in rows:
+        r = rows['hf']
+        ours_over_hf = {'wall': 1.0 / r['wall_x'], 'cpu': 1.0 / r['cpu_x']}
+        if r.get('round_cpu_x'):
+            ours_over_hf['per-round CPU'] = 1.0 / median(r['round_cpu_x'])
+        lines.append(f'target "this project faster than transformers (ours / hf <= '
+                     f'{FASTER_THAN_HF})": ours / hf = '
+                     + ', '.join(f'{v:.3f} {c}' for c, v in ours_over_hf.items())
+                     + f' (hf / ours = {r["wall_x"]:.3f} wall, {r["cpu_x"]:.3f} CPU) -> '
+                     + ', '.join(f'{c} {"met" if v <= FASTER_THAN_HF else "NOT met"}'
+                                 for c, v in ours_over_hf.items()))
     return lines
 
 
@@ -588,6 +597,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="tolerance relative to the reference's largest |logit|")
     parser.add_argument('--quick', action='store_true',
                         help='smaller defaults for a smoke-level run (explicit flags win)')
+    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=None,
+                        help='variants to time (default: all; ours is always timed, as the '
+                        'baseline); all four are still built and checked for agreement. Fewer '
+                        'variants make shorter rounds, whose ratios drift less with the load')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='after the timing, profile ours and hf (torch.profiler, 2 calls '
                         'each) and print the N operators with most self CPU time side by side')
@@ -666,7 +679,8 @@ def main(argv: Optional[Sequence[str]] = None, model_cfg: Optional[dict] = None,
               f'{torch.__version__} | transformers {transformers.__version__} (attention: '
               f"{attn}) | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(agreement_text, flush=True)
-    calls = time_variants(fns, x, args.repeats, args.steps, args.warmup,
+    timed = [n for n in VARIANTS if n == BASELINE or args.variants is None or n in args.variants]
+    calls = time_variants({n: fns[n] for n in timed}, x, args.repeats, args.steps, args.warmup,
                           log=lambda line: print(line, flush=True))
     rows = summarise(calls, args.batch)
     text = report(rows, params, header, hf_what)

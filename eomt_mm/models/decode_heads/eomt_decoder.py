@@ -94,10 +94,10 @@ class ScaleBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Upscale ``[B, D, h, w]`` to ``[B, D, 2h, 2w]`` (a channel-last tensor in NCHW view)."""
-        return self.norm(self.conv2(self.act(self.transposed_conv(x))))
+        return self.norm(self.conv2(self.transposed_conv(x, activate=True)))
 
-    def transposed_conv(self, x: Tensor) -> Tensor:
-        """``self.conv1(x)`` computed as one matrix product and a pixel shuffle.
+    def transposed_conv(self, x: Tensor, activate: bool = False) -> Tensor:
+        """``self.conv1(x)`` (``self.act(self.conv1(x))`` with ``activate``) as one GEMM.
 
         A 2x2 transposed convolution with stride 2 has no overlapping outputs: each input pixel
         maps to its own 2x2 output pixels through one ``[D_in] -> [2, 2, D_out]`` linear map.
@@ -109,8 +109,12 @@ class ScaleBlock(nn.Module):
         ``conv1`` stays an ``nn.ConvTranspose2d`` so that parameters and checkpoints are
         unchanged.
 
+        The activation is elementwise, so it commutes with the pixel shuffle: applied before it,
+        and in place when no gradient is recorded, it spares one full-resolution map.
+
         Args:
             x: ``[B, D_in, h, w]`` of any memory layout.
+            activate: Apply ``self.act`` (GELU) too.
 
         Returns:
             ``[B, D_out, 2h, 2w]`` whose memory is channel-last (``torch.channels_last``).
@@ -122,6 +126,11 @@ class ScaleBlock(nn.Module):
         # weight [D_in, D_out, 2, 2] -> [D_in, (row offset, column offset, D_out)].
         weight = conv.weight.permute(0, 2, 3, 1).reshape(channels, 4 * out_channels)
         out = torch.addmm(conv.bias.repeat(4), pixels, weight)
+        if activate:
+            if torch.is_grad_enabled() or not isinstance(self.act, nn.GELU):
+                out = self.act(out)
+            else:
+                out = torch.ops.aten.gelu_(out, approximate=self.act.approximate)
         out = out.view(batch, height, width, 2, 2, out_channels).permute(0, 1, 3, 2, 4, 5)
         out = out.reshape(batch, 2 * height, 2 * width, out_channels)
         return out.permute(0, 3, 1, 2)
