@@ -275,9 +275,8 @@ class DINOv2(VisionTransformer):
     def patch_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Patchify images: ``[B, in_channels, H, W] -> ([B, h*w, C], (h, w))``.
 
-        Raises:
-            ValueError: For inputs that are not 4-D or whose sides are not multiples of the
-                patch size (the message suggests the nearest crop).
+        Raises ``ValueError`` for inputs that are not 4-D or whose sides are not multiples of the
+        patch size (the message suggests the nearest crop).
         """
         if x.ndim != 4:
             raise ValueError(f'expected images [B, C, H, W], got shape {tuple(x.shape)}')
