@@ -15,27 +15,13 @@ from eomt_mm.engine.hooks import LoRAConfigCheckHook
 from eomt_mm.engine.lora_record import (LoRAConfigMismatchError, lora_config_from_cfg_text,
                                         lora_config_mismatches)
 from eomt_mm.lora import save_adapter
-from eomt_mm.lora.adapters import adapter_state_keys
-from test_lora_merge_tool import build, plain_outputs, tool, write_config
+from test_lora_merge_tool import build, plain_outputs, tool, trained_lora_model
 
 
 @pytest.fixture
 def trained(tmp_path):
     """(config, trained model with lora_alpha=8, input, reference output, checkpoint)."""
-    torch.manual_seed(3)
-    base_path = tmp_path / 'base_backbone.pth'
-    cfg_path = write_config(tmp_path, base_path)
-    torch.save(build(cfg_path, lora=False).backbone.state_dict(), str(base_path))
-    model = build(cfg_path)
-    model.init_weights()
-    gen = torch.Generator().manual_seed(5)
-    live = model.state_dict(keep_vars=True)
-    with torch.no_grad():  # stand-in for training
-        for key in adapter_state_keys(model):
-            if live[key].is_floating_point():
-                live[key].add_(0.2 * torch.randn(live[key].shape, generator=gen))
-    model.eval()
-    x = torch.randn(2, 3, 32, 32)
+    cfg_path, _, model, x = trained_lora_model(tmp_path)
     with torch.no_grad():
         ref = model(x, mode='tensor')
     # What mmengine's Runner.save_checkpoint writes: the training config's text in meta.

@@ -70,6 +70,11 @@ def build(cfg_path, lora=True):
 @pytest.fixture
 def setup(tmp_path):
     """(config path, base path, trained LoRA model, input)."""
+    return trained_lora_model(tmp_path)
+
+
+def trained_lora_model(tmp_path):
+    """(config path, base path, LoRA model with trained-like adapters in eval mode, input)."""
     torch.manual_seed(3)
     base_path = tmp_path / 'base_backbone.pth'
     cfg_path = write_config(tmp_path, base_path)

@@ -71,6 +71,9 @@ def test_split_heads_packs_the_reference_views():
     for got, want in zip((q, k, v), ref):
         assert got.is_contiguous() and got.shape == (2, 4, 7, 5)
         assert torch.equal(got, want)
+    q, k, v = split_heads(qkv, num_heads=4, pack=(False, False, True))
+    assert not q.is_contiguous() and not k.is_contiguous() and v.is_contiguous()
+    assert torch.equal(q, ref[0]) and torch.equal(v, ref[2])
     with pytest.raises(ValueError, match='does not split into 3 x 7 heads'):
         split_heads(qkv, num_heads=7)
 

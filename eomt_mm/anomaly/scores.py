@@ -56,21 +56,40 @@ def check_score_names(names: Union[str, Iterable[str]]) -> List[str]:
     Raises:
         ValueError: a name is not one of :data:`SCORE_NAMES`, or no name is given.
     """
+    return check_names_among(names, SCORE_NAMES, 'anomaly score')
+
+
+def check_names_among(names: Union[str, Iterable[str]], valid: Sequence[str],
+                      kind: str) -> List[str]:
+    """Lower-cased, de-duplicated ``names`` (order kept), each one of ``valid``.
+
+    The one validation behind :func:`check_score_names` and the ensemble's score names.
+
+    Args:
+        names: One name or an iterable of names (case-insensitive).
+        valid: The accepted names.
+        kind: What a name is, for the messages (``'anomaly score'``).
+
+    Returns:
+        The names.
+
+    Raises:
+        ValueError: A name is not a string or not one of ``valid``, or no name is given.
+    """
     if isinstance(names, str):
         names = [names]
     out: List[str] = []
     for name in names:
         if not isinstance(name, str):
-            raise ValueError(f'anomaly score names must be strings, got {name!r} '
-                             f'({type(name).__name__}); valid names: {", ".join(SCORE_NAMES)}')
+            raise ValueError(f'{kind} names must be strings, got {name!r} '
+                             f'({type(name).__name__}); valid names: {", ".join(valid)}')
         key = name.lower()
-        if key not in SCORE_NAMES:
-            raise ValueError(f'unknown anomaly score {name!r}; valid names: '
-                             f'{", ".join(SCORE_NAMES)}')
+        if key not in valid:
+            raise ValueError(f'unknown {kind} {name!r}; valid names: {", ".join(valid)}')
         if key not in out:
             out.append(key)
     if not out:
-        raise ValueError(f'no anomaly score name given; valid names: {", ".join(SCORE_NAMES)}')
+        raise ValueError(f'no {kind} name given; valid names: {", ".join(valid)}')
     return out
 
 

@@ -2,10 +2,9 @@
 
 Design notes (why this is not PEFT's or loralib's layer):
 
-* It *is* an ``nn.Linear`` (subclass) and keeps the parameter names ``weight`` and
-  ``bias``, so a plain pretrained checkpoint loads unchanged, ``isinstance(m, nn.Linear)``
-  code keeps working, and mmengine initialisers that target ``layer='Linear'`` touch only
-  the base weights.
+* It *is* an ``nn.Linear`` (subclass) with ``weight`` and ``bias``: plain checkpoints load
+  unchanged, ``isinstance(m, nn.Linear)`` code works, mmengine's ``layer='Linear'`` init
+  touches only the base.
 * The unmerged forward never materialises ``B @ A``: it runs
   ``addmm(base_out, A x, B^T, alpha=scaling)``, so the up-projection and the residual add
   are one fused GEMM instead of a GEMM, a scale and an add over the whole output.
@@ -13,17 +12,15 @@ Design notes (why this is not PEFT's or loralib's layer):
   :class:`_DropoutDownProj`, an autograd function that draws the mask once and keeps it as
   one byte per element, next to one input-sized tensor (see its docstring); PEFT's
   ``Dropout -> Linear`` keeps the dropped copy plus its own mask, a float tensor on CPU.
-  Under ``torch.compile`` plain dropout is used instead, so that the compiler's
-  partitioner sees an ordinary dropout and chooses what to keep for backward itself.
+  Under ``torch.compile`` plain dropout is used, so that the compiler's partitioner sees
+  an ordinary dropout and chooses what to keep for backward.
 * ``enable_slices`` adapts only some equal chunks of ``out_features`` (fused ``qkv``: q and
-  v only), with one independent rank-``r`` pair per adapted chunk (as the LoRA paper's
-  separate ``W_q`` / ``W_v`` adapters and loralib's ``MergedLinear``). Disabled chunks get an
-  exactly-zero update.
+  v only), one independent rank-``r`` pair per adapted chunk (as the LoRA paper's ``W_q`` /
+  ``W_v`` adapters and loralib's ``MergedLinear``); disabled chunks get a zero update.
 * ``merge()`` folds ``scaling * B A`` into ``weight``; a merged layer runs exactly
-  ``F.linear(x, weight, bias)``. Running a merged layer in training mode with autograd on
-  raises: its LoRA matrices would get no gradient and any update of ``weight`` would
-  corrupt the base weights once unmerged. We raise instead of auto-unmerging because an
-  implicit unmerge inside ``forward`` would hide a costly, precision-losing weight edit.
+  ``F.linear(x, weight, bias)``. Training a merged layer with autograd on raises: its LoRA
+  matrices would get no gradient and an update of ``weight`` would corrupt the base once
+  unmerged; an implicit unmerge in ``forward`` would hide a costly, lossy weight edit.
 """
 from __future__ import annotations
 
@@ -56,27 +53,30 @@ def _dropout(x: Tensor, p: float) -> Tuple[Tensor, Tensor]:
     uniform int32 with the threshold of ``p``. The mask is uint8 rather than bool because
     CPU kernels convert uint8 to floating point several times faster than bool.
     """
-    numel = x.numel()  # one int32 word per element, plus one to fill whole int64s if odd
-    bits = torch.empty(numel + numel % 2, dtype=torch.int32, device=x.device)
-    bits = bits.view(torch.int64).random_(-2**63, None).view(torch.int32)[:numel]
-    threshold = min(-2**31 + round(p * 2**32), 2**31 - 1)
-    keep = (bits >= threshold).view(torch.uint8).view(x.shape)
+    bits, keep = _draw_keep(x, p)
     if x.dtype == torch.float32:
         # Reuse the spent random bits' buffer (4 bytes per element, as fp32): no new tensor.
         return torch.mul(x, keep, out=bits.view(torch.float32).view(x.shape)), keep
     return x * keep, keep
 
 
+def _draw_keep(x: Tensor, p: float) -> Tuple[Tensor, Tensor]:
+    """``(bits, keep)``: the int32 random words spent and the uint8 keep mask (see _dropout)."""
+    numel = x.numel()  # one int32 word per element, plus one to fill whole int64s if odd
+    bits = torch.empty(numel + numel % 2, dtype=torch.int32, device=x.device).view(
+        torch.int64).random_(-2**63, None).view(torch.int32)[:numel]
+    threshold = min(-2**31 + round(p * 2**32), 2**31 - 1)
+    return bits, (bits >= threshold).view(torch.uint8).view(x.shape)
+
+
 def dropout_keep_mask(x: Tensor, p: float) -> Tensor:
     """The uint8 0/1 keep mask (``x``'s shape) that :class:`LoRALinear`'s dropout draws for ``x``.
 
-    Drawn from torch's default generator of ``x``'s device, as the layer draws it.
-
     Args:
-        x: An adapter input (its shape and device are used, not its values).
+        x: An adapter input (shape and device used; the device's default generator draws).
         p: Dropout probability in ``[0, 1)``.
     """
-    return _dropout(x.detach(), p)[1]
+    return _draw_keep(x, p)[1]
 
 
 def _gemm_dtype(x: Tensor) -> torch.dtype:

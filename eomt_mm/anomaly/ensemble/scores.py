@@ -38,7 +38,8 @@ from typing import Dict, Iterable, List, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..scores import DISAGREEMENT_SCORE_NAMES, SCORE_NAMES, check_score_names, scores_on_chunk
+from ..scores import (DISAGREEMENT_SCORE_NAMES, SCORE_NAMES, check_names_among,
+                      check_score_names, scores_on_chunk)
 
 __all__ = ['DISAGREEMENT_SCORE_NAMES', 'ENSEMBLE_SCORE_NAMES', 'check_ensemble_score_names',
            'ensemble_anomaly_scores', 'member_score_name']
@@ -65,21 +66,7 @@ def check_ensemble_score_names(names: Union[str, Iterable[str]]) -> List[str]:
     Returns:
         The names.
     """
-    names = [names] if isinstance(names, str) else list(names)
-    if not all(isinstance(n, str) for n in names):
-        raise ValueError(f'ensemble score names must be strings, got {names!r}')
-    out: List[str] = []
-    for name in names:
-        key = name.lower()
-        if key not in ENSEMBLE_SCORE_NAMES:
-            raise ValueError(f'unknown ensemble anomaly score {name!r}; valid names: '
-                             f'{", ".join(ENSEMBLE_SCORE_NAMES)}')
-        if key not in out:
-            out.append(key)
-    if not out:
-        raise ValueError('no ensemble anomaly score name given; valid names: '
-                         f'{", ".join(ENSEMBLE_SCORE_NAMES)}')
-    return out
+    return check_names_among(names, ENSEMBLE_SCORE_NAMES, 'ensemble anomaly score')
 
 
 def _entropy(dist: Tensor) -> Tensor:

@@ -313,7 +313,8 @@ class DINOv3(DINOv2):
         layer, attn = self.layers[index], self.layers[index].attn
         if torch.is_grad_enabled():
             _mask_key_bias_grad(attn.qkv)
-        q, k, v = split_heads(attn.qkv(layer.ln1(x)), attn.num_heads)
+        # RoPE writes new q and k; only v needs packing for the attention kernel.
+        q, k, v = split_heads(attn.qkv(layer.ln1(x)), attn.num_heads, pack=(False, False, True))
         q, k = rotate_patch_tokens(q, cos, sin), rotate_patch_tokens(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop if self.training else 0.)

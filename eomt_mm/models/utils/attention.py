@@ -35,7 +35,11 @@ def check_attn_mask(attn_mask: Optional[Tensor], batch: int, num_heads: int,
                          f'{num_tokens}, {num_tokens}], got {tuple(attn_mask.shape)}')
 
 
-def split_heads(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
+Heads = Tuple[Tensor, Tensor, Tensor]
+
+
+def split_heads(qkv: Tensor, num_heads: int,
+                pack: Tuple[bool, bool, bool] = (True, True, True)) -> Heads:
     """Split a fused projection ``[B, N, 3 * C]`` into queries, keys and values per head.
 
     Each result is made contiguous: as views of the fused projection, consecutive tokens of one
@@ -46,9 +50,11 @@ def split_heads(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
     Args:
         qkv: Output of the ``qkv`` linear, ``[B, N, 3 * C]`` ordered (q | k | v), heads inside.
         num_heads: The number of heads H (``C % H == 0``).
+        pack: Which of q, k, v to make contiguous; a caller that transforms one into a new
+            tensor anyway (DINOv3's RoPE on q and k) leaves it a view.
 
     Returns:
-        ``(q, k, v)``, each ``[B, H, N, C / H]`` and contiguous.
+        ``(q, k, v)``, each ``[B, H, N, C / H]``, contiguous where ``pack`` says.
     """
     batch, num_tokens, width = qkv.shape
     head_dims = width // (3 * num_heads)
@@ -56,4 +62,4 @@ def split_heads(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f'split_heads: a fused projection of width {width} does not split into '
                          f'3 x {num_heads} heads')
     heads = qkv.reshape(batch, num_tokens, 3, num_heads, head_dims).permute(2, 0, 3, 1, 4)
-    return tuple(t.contiguous() for t in heads.unbind(0))
+    return tuple(t.contiguous() if p else t for t, p in zip(heads.unbind(0), pack))
